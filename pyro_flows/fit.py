@@ -1,0 +1,253 @@
+r"""The fitting loop: progress, early stopping, a non-finite guard, interrupts and checkpoints."""
+
+__all__ = [
+    "FitResult",
+    "fit",
+]
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pyro
+import torch
+from pyro.infer import ELBO
+from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
+
+from . import checkpoint as ckpt
+from .loop import Run
+from .progress import progress_bar as make_progress_bar
+
+
+@dataclass
+class FitResult:
+    r"""Creates the record of a :func:`fit` run.
+
+    Arguments:
+        losses: The loss (negative ELBO) of every step, as returned by Pyro's losses.
+        stop_reason: Why the fit ended: :py:`"completed"`, :py:`"early_stopping"`,
+            :py:`"callback"`, :py:`"interrupted"` or :py:`"error"`.
+        num_failures: How many steps had a non-finite loss, gradient or update and were undone.
+        lr_factor: The product of the learning-rate cuts made after those failures.
+        checkpoint: The checkpoint file, if one was written.
+
+    Example:
+        >>> result = FitResult(losses=[3.0, 2.0, 1.0])
+        >>> result.num_steps, result.elbo()
+        (3, -2.0)
+    """
+
+    losses: list[float] = field(default_factory=list)
+    stop_reason: str = "completed"
+    num_failures: int = 0
+    lr_factor: float = 1.0
+    checkpoint: str | None = None
+
+    @property
+    def num_steps(self) -> int:
+        r"""The number of steps taken, counting those of a resumed checkpoint."""
+
+        return len(self.losses)
+
+    @property
+    def interrupted(self) -> bool:
+        r"""Whether the fit was stopped by :py:`KeyboardInterrupt`."""
+
+        return self.stop_reason == "interrupted"
+
+    def elbo(self, window: int = 100) -> float:
+        r"""Returns the mean ELBO (negated loss) over the last `window` steps."""
+
+        if not self.losses:
+            return math.nan
+        tail = self.losses[-window:]
+        return -sum(tail) / len(tail)
+
+    def plot(self, ax: Any = None, window: int | None = None) -> Any:
+        r"""Plots the ELBO trace; see :func:`pyro_flows.plots.plot_elbo`."""
+
+        from .plots import plot_elbo
+
+        return plot_elbo(self, ax=ax, window=window)
+
+    def __str__(self) -> str:
+        text = f"FitResult: {self.num_steps} steps ({self.stop_reason})"
+        if self.losses:
+            text += f", ELBO {self.elbo():.6g} (mean of the last {min(100, self.num_steps)})"
+        if self.num_failures:
+            text += f", {self.num_failures} non-finite steps undone"
+            text += f" (learning rate x{self.lr_factor:.3g})"
+        return text
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_steps: int = 1000,
+    optim: PyroOptim | None = None,
+    loss: ELBO | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    callback: Callable[[int, float], bool | None] | None = None,
+    progress_bar: bool | None = None,
+    file: IO[str] | None = None,
+    max_failures: int = 10,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = True,
+    stl: bool | None = None,
+    **kwargs: Any,
+) -> FitResult:
+    r"""Fits a guide to a model by stochastic variational inference.
+
+    Each step is one :py:`loss.loss_and_grads` and one :py:`optim` update, as in
+    :class:`pyro.infer.SVI`. The parameters live in Pyro's param store, as with SVI.
+
+    Early stopping: every `patience` steps, the mean loss over those steps is compared with
+    the lowest such mean of the earlier blocks; the fit stops when it is not lower by more
+    than `min_delta`.
+
+    Non-finite guard: when the loss, a gradient or an updated parameter is not finite, the
+    parameters and optimizer state are restored to those before the last update, the learning
+    rate is halved and the step is retried. After `max_failures` failures in a row,
+    :class:`NonFiniteLossError` is raised naming the site whose log-density is not finite,
+    with the parameters left at the last good state.
+
+    :py:`KeyboardInterrupt` ends the fit at the last completed step, and the result is
+    returned. A checkpoint (written atomically every `checkpoint_every` steps, at the end,
+    on interrupt and on error) holds the parameters, optimizer state, loss history, step
+    counter and random generator states, so a resumed fit gives the same parameters as an
+    uninterrupted one with the same seed.
+
+    Arguments:
+        model: A Pyro model.
+        guide: A guide for `model`, e.g. an autoguide.
+        args: Positional arguments of the model and guide.
+        num_steps: The total number of steps, counting those of a resumed checkpoint.
+        optim: A Pyro optimizer. If :py:`None`, use :py:`pyro.optim.Adam({"lr": 0.01})`.
+            A :class:`pyro.optim.lr_scheduler.PyroLRScheduler` is stepped after every step.
+        loss: A Pyro ELBO. If :py:`None`, use :class:`pyro.infer.Trace_ELBO`.
+        lr_schedule: A factor on the learning rate as a function of the step, e.g.
+            :py:`lambda step: 0.1 ** (step / num_steps)` (turns `optim` into a
+            :class:`torch.optim.lr_scheduler.LambdaLR` scheduler).
+        patience: The length of the early-stopping blocks, in steps. If :py:`None`, never
+            stop early.
+        min_delta: The smallest decrease of the block-mean loss that counts as progress.
+        callback: A function called as :py:`callback(step, loss)` after every step; if it
+            returns :py:`True` the fit stops.
+        progress_bar: Whether to show a progress bar with the running ELBO. If :py:`None`,
+            show it when `file` is a terminal.
+        file: The stream of the progress bar. If :py:`None`, use :py:`sys.stderr`.
+        max_failures: The number of non-finite steps in a row after which to give up.
+        checkpoint: A file to save the fit to, and to resume from if it exists.
+        checkpoint_every: The number of steps between checkpoints.
+        resume: Whether to resume from `checkpoint` when it exists (if :py:`False`, it is
+            overwritten).
+        stl: Whether the guide uses the "sticking the landing" gradient. If :py:`None`, leave
+            the guide's `stl` attribute as it is.
+        kwargs: Keyword arguments of the model and guide.
+
+    Returns:
+        The loss history and why the fit ended.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> def model(x):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+        >>> x = torch.tensor([1.2, 0.8, 1.1])
+        >>> guide = AutoNormal(model)
+        >>> result = fit(model, guide, x, num_steps=200, optim=pyro.optim.Adam({"lr": 0.05}))
+        >>> result.num_steps
+        200
+
+    References:
+        | Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
+        | Inference (Roeder et al., 2017)
+        | https://arxiv.org/abs/1703.09194
+    """
+
+    _check(num_steps, patience, min_delta, max_failures, checkpoint_every, callback)
+    _set_stl(guide, stl)
+    optim = _optimizer(optim, lr_schedule)
+    result = FitResult(checkpoint=None if checkpoint is None else os.fspath(checkpoint))
+    run = Run(model, guide, args, kwargs, optim, loss, checkpoint, result)
+    run.max_failures = max_failures
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        run.resume(ckpt.load_checkpoint(checkpoint))
+    file = sys.stderr if file is None else file
+    with (
+        make_progress_bar(num_steps, run.step, file, progress_bar) as bar,
+        warnings.catch_warnings(),
+    ):
+        # Pyro warns about NaN log-densities; the guard handles them and counts them instead.
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+        run.bar = bar
+        run.loop(num_steps, patience, min_delta, callback, checkpoint_every)
+    return run.result
+
+
+def _check(
+    num_steps: int,
+    patience: int | None,
+    min_delta: float,
+    max_failures: int,
+    checkpoint_every: int,
+    callback: Callable | None,
+) -> None:
+    for name, value, low in [
+        ("num_steps", num_steps, 0),
+        ("patience", 1 if patience is None else patience, 1),
+        ("max_failures", max_failures, 1),
+        ("checkpoint_every", checkpoint_every, 1),
+    ]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not min_delta >= 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, loss), got {callback!r}")
+
+
+def _set_stl(guide: Callable, stl: bool | None) -> None:
+    if stl is None:
+        return
+    if hasattr(guide, "stl"):
+        guide.stl = bool(stl)
+    elif stl:
+        raise TypeError(
+            f"stl=True needs a guide with an `stl` attribute, such as pyro_flows.AutoFlowGuide; "
+            f"{type(guide).__name__} has none (pass stl=None to leave the guide as it is)"
+        )
+
+
+def _optimizer(optim: PyroOptim | None, lr_schedule: Callable[[int], float] | None) -> PyroOptim:
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": 0.01})
+    if not isinstance(optim, PyroOptim):
+        raise TypeError(
+            f"optim must be a Pyro optimizer such as pyro.optim.Adam({{'lr': 0.01}}), "
+            f"got {type(optim).__name__}"
+        )
+    if lr_schedule is None:
+        return optim
+    if isinstance(optim, PyroLRScheduler):
+        raise ValueError("give either a PyroLRScheduler as optim or lr_schedule, not both")
+    if not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be callable as lr_schedule(step), got {lr_schedule!r}")
+    args = {
+        "optimizer": optim.pt_optim_constructor,
+        "optim_args": optim.pt_optim_args,
+        "lr_lambda": lr_schedule,
+    }
+    return PyroLRScheduler(torch.optim.lr_scheduler.LambdaLR, args, optim.pt_clip_args or None)

@@ -1,0 +1,496 @@
+r"""The normalizing-flow autoguide."""
+
+from __future__ import annotations
+
+__all__ = ["AutoFlowGuide"]
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous
+from pyro.nn import PyroParam
+from torch import Tensor
+from torch.distributions import AffineTransform, Transform, biject_to
+from zuko.lazy import Flow, LazyTransform
+from zuko.transforms import ComposedTransform
+
+from .distributions import FlowPosterior
+from .flows import FLOWS
+from .initialization import init_to_median_or_feasible
+from .packing import ParameterPacking
+from .stl import detached_log_prob
+from .supports import ConstrainMessenger, dependent_support_sites, trace_with_leaf_latents
+
+
+class _FixedTransform(LazyTransform):
+    r"""Wraps a :class:`~torch.distributions.Transform` (possibly a module) as lazy."""
+
+    def __init__(self, transform: Transform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, c: Tensor | None = None) -> Transform:
+        return self.transform
+
+
+def _as_lazy_transform(flow: object, features: int) -> LazyTransform:
+    if isinstance(flow, Flow):
+        return flow.transform
+    if isinstance(flow, LazyTransform):
+        return flow
+    if isinstance(flow, Transform):
+        return _FixedTransform(flow)
+    raise TypeError(
+        f"flow({features}) returned {type(flow).__name__}; expected a zuko Flow, a zuko "
+        "LazyTransform or a torch Transform of vectors."
+    )
+
+
+class AutoFlowGuide(AutoContinuous):
+    r"""Creates a normalizing-flow autoguide: a drop-in replacement for ``AutoNormal``.
+
+    All latent sites are mapped to an unconstrained vector :math:`z \in \mathbb{R}^D` (as in
+    Pyro's :class:`~pyro.infer.autoguide.AutoContinuous`) on which the guide places
+
+    .. math:: z = \mu + \sigma \odot f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I),
+
+    where :math:`f` is a stack of zuko flow layers acting on standardized coordinates.
+    Every layer starts as the identity, :math:`\mu` starts at the point that ``init_loc_fn``
+    gives and :math:`\sigma` at ``init_scale``: at step 0 the guide is exactly
+    ``AutoDiagonalNormal`` (the same density as ``AutoNormal``), and training only adds
+    shape. Because :math:`f` sees standardized coordinates, spline windows fit parameters
+    of any scale. Drawing a sample and scoring it costs one pass through each layer.
+
+    Sites whose support depends on other latents (e.g. ``b ~ Uniform(0, 1 - a)``) are
+    mapped through the support their distribution has given the upstream draws, with the
+    matching log-Jacobian; models without such sites pay nothing for this.
+
+    :meth:`median` and :meth:`quantiles` are Monte Carlo estimates from
+    ``num_quantile_samples`` draws with a fixed seed (deterministic, and leaving the global
+    random state alone): per coordinate of :math:`z`, mapped through each site's support.
+    For sites with elementwise supports (real, positive, interval, ...) these are the
+    marginal quantiles; for multivariate supports (simplex, Cholesky factors, ...) they are
+    the image of the unconstrained quantiles, as in Pyro's guides.
+
+    Default flow: ``"iaf"`` with 3 layers of (64, 64) hidden units. On the reference
+    posteriors (see the benchmark), it matched or beat the spline and coupling flows at
+    equal steps while being the cheapest per step.
+
+    Arguments:
+        model: A Pyro model.
+        flow: A flow family by name (one of ``"iaf"``, ``"nsf"``, ``"nsf_coupling"``,
+            ``"realnvp"``; see :mod:`pyro_flows.flows`) or a callable that, given the number
+            of features :math:`D`, returns a zuko ``Flow`` (its transform is used), a zuko
+            ``LazyTransform`` or a torch ``Transform`` of vectors, applied to
+            :math:`\epsilon`. A callable's flow should start as the identity for the step-0
+            guarantee above (see :func:`~pyro_flows.flows.identity_init_`).
+        init_loc_fn: A per-site initialization function (as in Pyro's autoguides).
+        init_scale: The initial scale :math:`\sigma` of every coordinate.
+        stl: Whether to use the "sticking the landing" gradient (the guide's log-density is
+            computed with stopped-gradient parameters).
+        num_quantile_samples: The number of draws behind :meth:`median` and
+            :meth:`quantiles`.
+        flow_options: Options of the named flow family (zuko's names: ``transforms``,
+            ``hidden_features``, ``bins``, ``randperm``, ``activation``, ...).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> guide = AutoFlowGuide(model)
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        >>> loss = svi.step(torch.tensor([0.5, 1.5]))
+        >>> sorted(guide.median(torch.tensor([0.5, 1.5])))
+        ['mu']
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., object],
+        *,
+        flow: str | Callable[[int], object] = "iaf",
+        init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
+        init_scale: float = 0.1,
+        stl: bool = False,
+        num_quantile_samples: int = 4096,
+        **flow_options: object,
+    ) -> None:
+        if isinstance(init_scale, bool) or not isinstance(init_scale, int | float):
+            raise TypeError(f"init_scale must be a positive number, got {init_scale!r}.")
+        if not init_scale > 0 or init_scale == float("inf"):
+            raise ValueError(
+                f"init_scale={init_scale!r}: the initial scale must be positive and finite "
+                "(AutoNormal's default is 0.1)."
+            )
+        if not isinstance(num_quantile_samples, int) or num_quantile_samples < 2:
+            raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
+        _check_flow(flow, flow_options)
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._user_model = (model,)
+        self.init_scale = float(init_scale)
+        self.flow_name = flow if isinstance(flow, str) else None
+        self._flow_factory = FLOWS[flow] if isinstance(flow, str) else flow
+        self.flow_options = dict(flow_options)
+        self.stl = bool(stl)
+        self.num_quantile_samples = num_quantile_samples
+        self.latent_dim = None
+        self._dependent_sites: frozenset[str] = frozenset()
+
+    def __getstate__(self) -> dict:
+        if hasattr(self, "_packing"):
+            self._packing.unbind()  # views are rebound at the next use
+        state = super().__getstate__()
+        state["_user_model"] = None
+        return state
+
+    @property
+    def flow_config(self) -> dict[str, object]:
+        r"""The flow family and its options, e.g. ``{"flow": "iaf", "transforms": 3}``."""
+
+        name = self.flow_name
+        if name is None:
+            name = getattr(self._flow_factory, "__name__", type(self._flow_factory).__name__)
+        return {"flow": name, **self.flow_options, "init_scale": self.init_scale, "stl": self.stl}
+
+    # Set-up -----------------------------------------------------------------------------
+
+    def _setup_prototype(self, *args: object, **kwargs: object) -> None:
+        try:
+            super()._setup_prototype(*args, **kwargs)
+        except (ValueError, RuntimeError, NotImplementedError) as error:
+            _raise_helpful_setup_error(self.prototype_trace, error)
+        _check_subsampled_latents(self.prototype_trace)
+
+        values = {
+            name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
+        trace = trace_with_leaf_latents(self._user_model[0], values, *args, **kwargs)
+        self._dependent_sites = frozenset(dependent_support_sites(trace, values))
+        self._max_plate_nesting = max(
+            (
+                -frame.dim
+                for site in trace.nodes.values()
+                if site["type"] == "sample"
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            ),
+            default=0,
+        )
+        self._site_transforms = {
+            name: biject_to(site["fn"].support)
+            for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
+        if "loc" in self._pyro_params:  # parameters loaded from a state dict
+            loaded_dim = self.loc.shape[-1]
+            if loaded_dim != self.latent_dim:
+                raise ValueError(
+                    f"This guide's parameters were loaded for {loaded_dim} latent dimensions, "
+                    f"but the model has {self.latent_dim}: load a state dict saved from a guide "
+                    "of the same model."
+                )
+            return
+        init_loc = self._init_loc()
+        for site, value in self._unpack_latent(init_loc):
+            if not torch.isfinite(value).all():
+                raise ValueError(
+                    f"init_loc_fn gave site '{site['name']}' a value outside its support "
+                    "(unconstrained value not finite): pass an init_loc_fn that returns a "
+                    "value strictly inside the support."
+                )
+        self._build_parameters(init_loc, torch.full_like(init_loc, self.init_scale))
+
+    def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
+        flow = _as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
+        flow = flow.to(device=loc.device, dtype=loc.dtype)
+        self._packing, values = ParameterPacking.pack(flow)
+        self.flow = flow
+        self.flow_params = PyroParam(values)
+        self.loc = PyroParam(loc)
+        self.scale = PyroParam(scale, constraints.softplus_positive)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False
+    ) -> object:
+        r"""Loads parameters, also into a freshly built guide that has never been called.
+
+        A fresh guide builds its parameters from the shapes in ``state_dict``; the model
+        is traced at the first call, which checks that the latent dimension matches. Values
+        that Pyro's param store holds under this guide's names are dropped, so that the
+        loaded ones are used.
+
+        Arguments:
+            state_dict: A state dict from :meth:`state_dict` of a guide of the same model
+                and flow configuration.
+            strict: Whether keys must match exactly.
+            assign: As in :meth:`torch.nn.Module.load_state_dict`.
+
+        Returns:
+            The missing and unexpected keys.
+        """
+
+        if "loc" not in self._pyro_params and "loc_unconstrained" in state_dict:
+            loc = state_dict["loc_unconstrained"]
+            if not isinstance(loc, Tensor) or loc.dim() != 1:
+                raise ValueError(
+                    "state_dict['loc_unconstrained'] must be a vector: load a state dict saved "
+                    "from an AutoFlowGuide."
+                )
+            self._build_parameters(loc.clone(), torch.ones_like(loc))
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            raise ValueError(
+                f"This state dict does not fit this guide ({self.flow_config}): it was saved "
+                "from a guide of another model or flow configuration. Build the guide with the "
+                f"same model and options as the saved one.\n{error}"
+            ) from error
+        store = pyro.get_param_store()
+        for name in ("loc", "scale", "flow_params"):
+            fullname = f"{self._pyro_name}.{name}"
+            if fullname in store:
+                del store[fullname]
+        return result
+
+    # The posterior ------------------------------------------------------------------------
+
+    def get_base_dist(self) -> dist.Distribution:
+        r"""Returns the standard Normal over :math:`\epsilon`."""
+
+        zeros = self.loc.new_zeros(self.latent_dim)
+        return dist.Normal(zeros, 1.0).to_event(1)
+
+    def get_transform(self, *args: object, **kwargs: object) -> Transform:
+        r"""Returns the map :math:`\epsilon \mapsto \mu + \sigma \odot f(\epsilon)`.
+
+        With :meth:`get_base_dist`, this is what
+        :class:`~pyro.infer.reparam.NeuTraReparam` needs.
+        """
+
+        affine = AffineTransform(self.loc, self.scale, event_dim=1)
+        return ComposedTransform(self._flow_transform(self.flow_params), affine)
+
+    def get_posterior(self, *args: object, **kwargs: object) -> FlowPosterior:
+        r"""Returns the distribution of the packed unconstrained latent :math:`z`."""
+
+        flat, loc, scale = self.flow_params, self.loc, self.scale
+        transform = self._flow_transform(flat)
+        stl_log_prob = None
+        if self.stl:
+
+            def stl_log_prob(z: Tensor, eps: Tensor) -> Tensor:
+                detached = self._flow_transform(flat.detach())
+                try:
+                    return detached_log_prob(detached, loc.detach(), scale.detach(), z, eps)
+                finally:
+                    self._packing.bind(flat)
+
+        return FlowPosterior(transform, loc, scale, stl_log_prob=stl_log_prob)
+
+    def _flow_transform(self, flat: Tensor) -> Transform:
+        if flat.shape != (self._packing.numel,):
+            raise ValueError(
+                f"Pyro's param store holds '{self._pyro_name}.flow_params' with "
+                f"{flat.numel()} values, but this guide's flow has {self._packing.numel}: it "
+                "belongs to another guide. Call pyro.clear_param_store() before building a new "
+                "guide, or use pyro.settings.set(module_local_params=True)."
+            )
+        self._packing.bind(flat)
+        return self.flow()
+
+    # Sampling -------------------------------------------------------------------------------
+
+    def _constrain(
+        self, latent: Tensor, *args: object, **kwargs: object
+    ) -> Iterator[tuple[str, Tensor, Tensor | float]]:
+        compute_density = poutine.get_mask() is not False
+        if self._dependent_sites:
+            unconstrained = {site["name"]: u for site, u in self._unpack_latent(latent)}
+            with poutine.block(), ConstrainMessenger(unconstrained) as messenger:
+                self._user_model[0](*args, **kwargs)
+            for name, (value, ladj) in messenger.values.items():
+                yield name, value, -ladj if compute_density else 0.0
+            return
+        for site, u in self._unpack_latent(latent):
+            name = site["name"]
+            transform = self._site_transforms[name]
+            value = transform(u)
+            log_density = 0.0
+            if compute_density:
+                ladj = transform.log_abs_det_jacobian(u, value)
+                log_density = -sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
+            yield name, value, log_density
+
+    def forward(self, *args: object, **kwargs: object) -> dict[str, Tensor]:
+        r"""Draws every latent site, with the model's ``*args, **kwargs``.
+
+        Returns:
+            A dict from site name to its value in the constrained space.
+        """
+
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, value, log_density in self._constrain(latent, *args, **kwargs):
+            event_dim = self.prototype_trace.nodes[name]["fn"].event_dim
+            delta = dist.Delta(value, log_density=log_density, event_dim=event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, delta)
+        return result
+
+    # Summaries ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _quantile_draws(self) -> Tensor:
+        generator = torch.Generator(device=self.loc.device).manual_seed(0)
+        eps = torch.randn(
+            (self.num_quantile_samples, self.latent_dim),
+            generator=generator,
+            dtype=self.loc.dtype,
+            device=self.loc.device,
+        )
+        return self.get_transform()(eps)
+
+    @torch.no_grad()
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: object, **kwargs: object
+    ) -> dict[str, Tensor]:
+        r"""Returns posterior quantiles of each latent site (Monte Carlo; see the class doc).
+
+        Arguments:
+            quantiles: Probabilities in :math:`[0, 1]`.
+            args: The model's positional arguments.
+            kwargs: The model's keyword arguments.
+
+        Returns:
+            A dict from site name to a tensor of shape ``(len(quantiles), *site_shape)``.
+        """
+
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        probs = torch.as_tensor(quantiles, dtype=self.loc.dtype, device=self.loc.device)
+        if probs.dim() != 1 or not ((probs >= 0) & (probs <= 1)).all():
+            raise ValueError(f"quantiles={quantiles!r}: give a list of probabilities in [0, 1].")
+        draws = self._quantile_draws()
+        result: dict[str, list[Tensor]] = {}
+        with poutine.mask(mask=False):
+            for latent in _columnwise_quantile(draws, probs):
+                for name, value, _ in self._constrain(latent, *args, **kwargs):
+                    result.setdefault(name, []).append(value)
+            # Quantiles do not commute with a support that moves with other latents:
+            # take those of the constrained draws themselves.
+            elementwise = {
+                name
+                for name in self._dependent_sites
+                if self.prototype_trace.nodes[name]["fn"].event_dim == 0
+            }
+            if elementwise:
+                batch = draws.reshape(len(draws), *(1,) * self._max_plate_nesting, -1)
+                for name, value, _ in self._constrain(batch, *args, **kwargs):
+                    if name in elementwise:
+                        values = value.reshape(len(draws), -1)
+                        site_shape = result[name][0].shape
+                        q = _columnwise_quantile(values, probs)
+                        result[name] = list(q.reshape(len(probs), *site_shape))
+        return {name: torch.stack(values) for name, values in result.items()}
+
+    @torch.no_grad()
+    def median(self, *args: object, **kwargs: object) -> dict[str, Tensor]:
+        r"""Returns the posterior median of each latent site (Monte Carlo; see the class doc).
+
+        Returns:
+            A dict from site name to its median, in the constrained space.
+        """
+
+        return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _columnwise_quantile(draws: Tensor, probs: Tensor) -> Tensor:
+    chunk = max(1, 2**24 // len(draws))  # torch.quantile takes at most 2**24 elements
+    columns = [
+        torch.quantile(draws[:, i : i + chunk], probs, dim=0)
+        for i in range(0, draws.shape[-1], chunk)
+    ]
+    return torch.cat(columns, dim=-1)
+
+
+def _check_flow(flow: object, options: dict[str, object]) -> None:
+    if isinstance(flow, str):
+        if flow not in FLOWS:
+            raise ValueError(
+                f"Unknown flow {flow!r}: use one of {sorted(FLOWS)} or pass a callable that "
+                "returns a flow for a given number of features."
+            )
+        factory = FLOWS[flow]
+        parameters = inspect.signature(factory).parameters
+        unknown = sorted(set(options) - (set(parameters) - {"features"}))
+        if unknown:
+            valid = sorted(set(parameters) - {"features"})
+            raise TypeError(f"Unknown option(s) {unknown} for flow {flow!r}; valid: {valid}.")
+        factory(2, **options)  # validates values before any model is traced
+    elif callable(flow):
+        if options:
+            raise TypeError(
+                f"Options {sorted(options)} apply to named flows only; configure your flow "
+                "callable instead, e.g. flow=functools.partial(my_flow, ...)."
+            )
+    else:
+        raise TypeError(f"flow must be a name in {sorted(FLOWS)} or a callable, got {flow!r}.")
+
+
+def _check_subsampled_latents(trace: pyro.poutine.Trace) -> None:
+    for name, site in trace.iter_stochastic_nodes():
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"Latent site '{name}' is inside plate '{frame.name}', which is subsampled "
+                    f"({frame.size} of {frame.full_size}). A single flow over all latents "
+                    "would share its parameters across mini-batches. Use an AutoGuideList: "
+                    f"AutoFlowGuide(poutine.block(model, hide=['{name}'])) for the global "
+                    f"latents and a local guide such as AutoNormal(poutine.block(model, "
+                    f"expose=['{name}'])) with create_plates for '{frame.name}'."
+                )
+
+
+def _raise_helpful_setup_error(trace: pyro.poutine.Trace | None, error: Exception) -> None:
+    if trace is None:
+        raise error
+    latent = list(trace.iter_stochastic_nodes())
+    for name, site in latent:
+        if site["fn"].support.is_discrete:
+            raise ValueError(
+                f"Latent site '{name}' is discrete ({type(site['fn']).__name__}); a flow guide "
+                "covers continuous latents only. Enumerate it out (infer={'enumerate': "
+                "'parallel'} with TraceEnum_ELBO, hiding it from this guide with "
+                f"poutine.block(model, hide=['{name}'])), or combine guides with "
+                "AutoGuideList (e.g. AutoDiscreteParallel for the discrete sites)."
+            ) from error
+    if not latent:
+        raise ValueError(
+            "The model has no latent sample sites (every pyro.sample is observed), so there "
+            "is nothing for a guide to fit. Use an empty guide, e.g. `def guide(*args): pass`."
+        ) from error
+    for name, site in latent:
+        try:
+            biject_to(site["fn"].support)
+        except NotImplementedError:
+            raise NotImplementedError(
+                f"Latent site '{name}' has support {site['fn'].support}, which torch's "
+                "biject_to cannot map from the real line. Reparametrize the site (e.g. sample "
+                "an unconstrained value and transform it) or register a bijection with "
+                "torch.distributions.biject_to.register."
+            ) from error
+    raise error

@@ -1,0 +1,213 @@
+r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-back, resume."""
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer.util import zero_grads
+from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
+
+from . import checkpoint as ckpt
+from .guard import (
+    NonFiniteLossError,
+    all_finite,
+    find_nonfinite,
+    is_invalid_value_error,
+    nonfinite_grads,
+)
+
+LR_FACTOR = 0.5
+
+
+class Run:
+    r"""The mutable state of one fit: step counter, history, roll-back snapshot."""
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        optim: PyroOptim,
+        loss: ELBO | None,
+        path: str | os.PathLike | None,
+        result: Any,
+    ) -> None:
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.optim, self.loss = optim, Trace_ELBO() if loss is None else loss
+        self.path = None if path is None else os.fspath(path)
+        self.result = result
+        self.params: dict[str, torch.Tensor] = {}
+        self.snapshot: dict[str, Any] | None = None
+        self.failures, self.pending, self.bad_grads = 0, 1.0, []
+        self.in_step, self.updating, self.rng = False, False, None
+        self.max_failures, self.bar = 10, None
+
+    @property
+    def step(self) -> int:
+        return len(self.result.losses)
+
+    def loop(
+        self,
+        num_steps: int,
+        patience: int | None,
+        min_delta: float,
+        callback: Callable | None,
+        every: int,
+    ) -> None:
+        try:
+            while self.step < num_steps:
+                if not self.attempt():
+                    continue
+                if self.path is not None and self.step % every == 0:
+                    self.save()
+                if plateau(self.result.losses, patience, min_delta):
+                    self.result.stop_reason = "early_stopping"
+                    break
+                if callback is not None and callback(self.step - 1, self.result.losses[-1]):
+                    self.result.stop_reason = "callback"
+                    break
+        except KeyboardInterrupt:
+            self.stop("interrupted")
+        except Exception:
+            self.stop("error")
+            self.save()
+            raise
+        self.save()
+
+    def attempt(self) -> bool:
+        self.in_step, self.rng = True, ckpt.get_rng_state()
+        with poutine.trace(param_only=True) as capture:
+            try:
+                value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
+            except ValueError as error:
+                if not is_invalid_value_error(error):
+                    raise
+                value = math.nan
+        if not isinstance(value, float | int):
+            raise TypeError(f"fit needs a loss that returns one number, got {value!r}")
+        sites = capture.trace.nodes.values()
+        params = ckpt.param_names(site["value"].unconstrained() for site in sites)
+        self.params.update(params)
+        self.bad_grads = nonfinite_grads(params)
+        if not math.isfinite(value) or self.bad_grads:
+            zero_grads(set(params.values()))
+            return self.fail(value)
+        self.snapshot = {"step": self.step, **ckpt.get_state(self.params, self.optim)}
+        self.update(params, value)
+        if not all_finite(list(params.values())):
+            return self.fail(value)
+        self.result.losses.append(float(value))
+        self.failures, self.pending, self.in_step = 0, 1.0, False
+        self.bar.advance(self.step, self.result)
+        return True
+
+    def update(self, params: dict[str, torch.Tensor], value: float) -> None:
+        self.updating = True
+        self.optim(set(params.values()))
+        zero_grads(set(params.values()))
+        if isinstance(self.optim, PyroLRScheduler):
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+            constructor = self.optim.pt_scheduler_constructor
+            on_plateau = isinstance(constructor, type) and issubclass(constructor, plateau)
+            self.optim.step(*([value] if on_plateau else []))
+        self.updating = False
+
+    def fail(self, value: float) -> bool:
+        self.failures += 1
+        self.result.num_failures += 1
+        if self.snapshot is not None:
+            self.pending *= LR_FACTOR
+            self.result.lr_factor *= LR_FACTOR
+            ckpt.set_state(self.params, self.optim, self.snapshot, self.pending)
+            del self.result.losses[self.snapshot["step"] :]
+        self.in_step = self.updating = False
+        self.bar.advance(self.step, self.result)
+        if self.failures >= self.max_failures:
+            self.save()
+            raise self.error(value)
+        return False
+
+    def error(self, value: float) -> NonFiniteLossError:
+        site, problems = find_nonfinite(self.model, self.guide, self.args, self.kwargs)
+        text = (
+            f"the loss was {value} in {self.failures} attempts in a row, each retried from the "
+            f"last good state with a halved learning rate. "
+        )
+        if problems:
+            text += "Tracing the model and guide found: " + "; ".join(problems) + ". "
+        if self.bad_grads:
+            text += f"Non-finite gradients of: {', '.join(self.bad_grads)}. "
+        text += (
+            f"The parameters are those after step {self.step}, the last good state. Check the "
+            "distribution arguments and support of the named site, or lower the learning rate."
+        )
+        return NonFiniteLossError(text, site=site, result=self.result)
+
+    def stop(self, reason: str) -> None:
+        if self.updating and self.snapshot is not None:
+            ckpt.set_state(self.params, self.optim, self.snapshot)
+        if self.in_step:
+            zero_grads(set(self.params.values()))
+            ckpt.set_rng_state(self.rng)
+        self.in_step = self.updating = False
+        self.result.stop_reason = reason
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "losses": torch.tensor(self.result.losses, dtype=torch.float64),
+            "params": {name: p.detach() for name, p in self.params.items()},
+            "optim": ckpt.optim_state(self.optim),
+            "buffers": ckpt.module_buffers(self.model, self.guide),
+            "rng": ckpt.get_rng_state(),
+            "snapshot": self.snapshot,
+            "guard": {
+                "failures": self.failures,
+                "pending": self.pending,
+                "num_failures": self.result.num_failures,
+                "lr_factor": self.result.lr_factor,
+            },
+        }
+
+    def save(self) -> None:
+        if self.path is not None:
+            ckpt.save_checkpoint(self.path, self.state())
+
+    def resume(self, state: dict[str, Any]) -> None:
+        with poutine.trace(param_only=True) as capture:
+            try:
+                self.loss.loss(self.model, self.guide, *self.args, **self.kwargs)
+            except ValueError as error:
+                if not is_invalid_value_error(error):
+                    raise
+        sites = capture.trace.nodes.values()
+        self.params = ckpt.param_names(site["value"].unconstrained() for site in sites)
+        ckpt.check_match(self.params, state["params"], "parameters", self.path)
+        buffers = ckpt.module_buffers(self.model, self.guide)
+        ckpt.check_match(buffers, state["buffers"], "buffers", self.path)
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                buffer.copy_(state["buffers"][name])
+        ckpt.set_state(self.params, self.optim, state)
+        self.result.losses = state["losses"].tolist()
+        self.snapshot = state["snapshot"]
+        guard = state["guard"]
+        self.failures, self.pending = guard["failures"], guard["pending"]
+        self.result.num_failures, self.result.lr_factor = guard["num_failures"], guard["lr_factor"]
+        ckpt.set_rng_state(state["rng"])
+
+
+def plateau(losses: list[float], patience: int | None, min_delta: float) -> bool:
+    r"""The early-stopping rule: the last block mean is no better than the best earlier one."""
+
+    step = len(losses)
+    if patience is None or step % patience or step < 2 * patience:
+        return False
+    means = [sum(losses[i : i + patience]) / patience for i in range(0, step, patience)]
+    return means[-1] > min(means[:-1]) - min_delta
