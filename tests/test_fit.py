@@ -25,6 +25,14 @@ def model(x):
         pyro.sample("obs", dist.Normal(mu, sigma), obs=x)
 
 
+@pytest.fixture(params=[True, False], ids=["validation", "no_validation"])
+def validation(request):
+    """Runs a test with Pyro's and torch's argument validation on, then off."""
+
+    with pyro.validation_enabled(request.param):
+        yield request.param
+
+
 def params():
     store = pyro.get_param_store()
     return {name: p.detach().clone() for name, p in store.named_parameters()}
@@ -61,21 +69,22 @@ def nan_at(calls, kind):
     count = [-1]  # AutoNormal runs the model once to set itself up
 
     def model(x):
+        attempt = count[0]
+        count[0] += 1
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         with pyro.plate("data", len(x)):
             pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
-        if count[0] in calls:
+        if attempt in calls:
             if kind == "loss":
                 pyro.factor("bad", mu * math.nan)
             else:
                 pyro.factor("bad", torch.sqrt(mu * 0.0))
-        count[0] += 1
 
     return model
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_nan_step_is_undone(kind):
+def test_nan_step_is_undone(kind, validation):
     bad = nan_at({20}, kind)
     optim = pyro.optim.Adam({"lr": 0.05})
     seen = []
@@ -91,7 +100,7 @@ def test_nan_step_is_undone(kind):
         assert adam.param_groups[0]["lr"] == 0.025
 
 
-def test_undo_restores_last_good_state():
+def test_undo_restores_last_good_state(validation):
     # A run with a NaN at attempt 10 must equal one that restarts from the state after
     # step 9 with half the learning rate and the random stream advanced by two attempts.
     optim = pyro.optim.Adam({"lr": 0.05})
@@ -137,7 +146,7 @@ def always_nan(kind):
 
 
 @pytest.mark.parametrize("kind,site", [("factor", "bad"), ("data", "obs"), ("scale", "obs")])
-def test_always_nan_names_the_site(kind, site, tmp_path):
+def test_always_nan_names_the_site(kind, site, tmp_path, validation):
     bad = always_nan(kind)
     path = tmp_path / "fit.pt"
     with pytest.raises(NonFiniteLossError, match=f"'{site}'") as info:
@@ -148,7 +157,7 @@ def test_always_nan_names_the_site(kind, site, tmp_path):
     assert load_checkpoint(path)["step"] == info.value.result.num_steps
 
 
-def test_nan_after_good_steps_keeps_work():
+def test_nan_after_good_steps_keeps_work(validation):
     bad = nan_at(set(range(15, 1000)), "loss")
     with pytest.raises(NonFiniteLossError, match="'bad'") as info:
         fit(bad, AutoNormal(bad), DATA, num_steps=50, max_failures=3)
