@@ -2,6 +2,7 @@ r"""Normalizing-flow autoguides for Pyro, with ArviZ export and posterior diagno
 
 __version__ = "0.1.0"
 
+from .arviz import to_inference_data
 from .fit import FitResult, fit
 from .flows import FLOWS
 from .guard import NonFiniteLossError
@@ -16,4 +17,5 @@ __all__ = [
     "__version__",
     "fit",
     "init_to_median_or_feasible",
+    "to_inference_data",
 ]
