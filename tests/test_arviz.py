@@ -24,6 +24,7 @@ from pyro.infer.autoguide import (
 
 import pyro_flows._plates
 import pyro_flows.arviz
+from benchmarks.arviz_conversion import model as regression
 from pyro_flows import AutoFlowGuide
 from pyro_flows.arviz import to_inference_data
 
@@ -42,16 +43,6 @@ def eight_schools(sigma, y=None):
         eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
         theta = pyro.deterministic("theta", mu + tau * eta)
         pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
-
-def regression(x, y=None):
-    alpha = pyro.sample("alpha", dist.Normal(0.0, 10.0))
-    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
-    with pyro.plate("feature", x.shape[-1]):
-        beta = pyro.sample("beta", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        mu = pyro.deterministic("mu", alpha + (x * beta.unsqueeze(-2)).sum(-1))
-        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
 
 
 def nested(y):
@@ -384,6 +375,19 @@ def test_loo_and_compare_autonormal_against_autoflowguide():
     assert set(comparison.index) == set(idatas)
     assert np.isfinite(comparison["elpd_loo"].values).all()
     assert comparison["weight"].sum() == pytest.approx(1.0)
+
+
+def test_benchmark_methods_make_the_same_groups():
+    from benchmarks import arviz_conversion
+
+    guide, x, y = arviz_conversion.fit(num_obs=20, num_steps=5)
+    fast = arviz_conversion.vectorized(guide, x, y, num_draws=6)
+    slow = arviz_conversion.naive(guide, x, y, num_draws=6)
+    assert set(slow.groups()) == set(fast.groups()) - {"sample_stats"}
+    for group in slow.groups():
+        for name, array in slow[group].data_vars.items():
+            assert array.dims == fast[group][name].dims, (group, name)
+            assert array.shape == fast[group][name].shape, (group, name)
 
 
 # Bad input ------------------------------------------------------------------------------------
