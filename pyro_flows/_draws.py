@@ -130,6 +130,12 @@ def inspect(guide: Callable, model: Callable, args: tuple, kwargs: dict) -> Stru
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
+    for frame in frames:
+        if frame.full_size is not None and frame.size != frame.full_size:
+            raise ValueError(
+                f"Plate '{frame.name}' subsamples {frame.size} of {frame.full_size} points: "
+                "call with the model arguments that make it use the full data."
+            )
     sites = {
         name: _site(site) for name, site in model_trace.nodes.items() if site["type"] == "sample"
     }
@@ -166,8 +172,8 @@ def draw(
         log_likelihood=_log_likelihood(model_trace, observed, sites, num_draws),
         posterior_predictive=_values(pp_trace, observed, sites, num_draws) if predictive else {},
         site_log_prob=site_log_prob,
-        log_q=sum(log_q, torch.zeros(num_draws)),
-        lp=sum(site_log_prob.values(), torch.zeros(num_draws)),
+        log_q=sum(log_q),
+        lp=sum(site_log_prob.values()),
     )
 
 

@@ -390,6 +390,46 @@ def test_benchmark_methods_make_the_same_groups():
             assert array.shape == fast[group][name].shape, (group, name)
 
 
+def test_arviz_1_calling_convention(monkeypatch):
+    # ArviZ 1.x (arviz-base): from_dict(data, *, coords, dims, attrs={group: attrs}) and
+    # arviz-stats' psislw negates its input. Neither is installable here: stand-ins check
+    # that the same groups reach them in that convention.
+    import sys
+    import types
+
+    calls, arviz_0_psislw = {}, az.psislw
+
+    def from_dict(data, *, coords=None, dims=None, attrs=None):
+        calls.update(data=data, coords=coords, dims=dims, attrs=attrs)
+        return "datatree"
+
+    def psislw(ary, r_eff=1.0):
+        return arviz_0_psislw(-ary, r_eff)
+
+    stats = types.ModuleType("arviz_stats.base")
+    stats.array_stats = types.SimpleNamespace(psislw=psislw)
+    monkeypatch.setitem(sys.modules, "arviz_stats", types.ModuleType("arviz_stats"))
+    monkeypatch.setitem(sys.modules, "arviz_stats.base", stats)
+    monkeypatch.setattr(az, "from_dict", from_dict)
+    monkeypatch.delattr(az, "psislw")
+    guide, args = fitted("eight_schools", "AutoNormal")
+    assert to_inference_data(guide, *args, num_samples=30) == "datatree"
+    assert set(calls["data"]) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+    }
+    assert calls["data"]["posterior"]["theta"].shape == (1, 30, 8)
+    assert calls["dims"]["theta"] == ["school"]
+    attrs = calls["attrs"]["sample_stats"]
+    assert attrs == calls["attrs"]["/"] and attrs["guide"] == "AutoNormal"
+    log_weight = calls["data"]["sample_stats"]["log_weight"][0].astype(np.float64)
+    monkeypatch.undo()
+    assert attrs["pareto_k"] == pytest.approx(az.psislw(log_weight)[1])
+
+
 # Bad input ------------------------------------------------------------------------------------
 
 
@@ -434,6 +474,24 @@ def test_bad_options(options, error, match):
     guide, args = fitted("eight_schools", "AutoNormal")
     with pytest.raises(error, match=match):
         to_inference_data(guide, *args, **options)
+
+
+def test_subsampled_plate_is_refused():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y), subsample_size=3) as index:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[index])
+
+    guide = AutoNormal(model)
+    guide(Y)
+    with pytest.raises(ValueError, match="Plate 'data' subsamples 3 of 8"):
+        to_inference_data(guide, Y, num_samples=4)
+
+
+def test_model_keyword_arguments():
+    guide, _ = fitted("eight_schools", "AutoNormal")
+    idata = to_inference_data(guide, sigma=SIGMA, y=Y, num_samples=4)
+    np.testing.assert_array_equal(idata.observed_data["obs"].values, Y.numpy())
 
 
 def test_unfitted_guide_and_missing_model():
