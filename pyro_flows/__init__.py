@@ -3,19 +3,25 @@ r"""Normalizing-flow autoguides for Pyro, with ArviZ export and posterior diagno
 __version__ = "0.1.0"
 
 from .arviz import to_inference_data
+from .diagnostics import Diagnosis, diagnose
 from .fit import FitResult, fit
 from .flows import FLOWS
 from .guard import NonFiniteLossError
 from .guides import AutoFlowGuide
+from .importance import ImportanceWeights, log_importance_weights
 from .initialization import init_to_median_or_feasible
 
 __all__ = [
     "FLOWS",
     "AutoFlowGuide",
+    "Diagnosis",
     "FitResult",
+    "ImportanceWeights",
     "NonFiniteLossError",
     "__version__",
+    "diagnose",
     "fit",
     "init_to_median_or_feasible",
+    "log_importance_weights",
     "to_inference_data",
 ]
