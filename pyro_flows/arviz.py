@@ -104,40 +104,15 @@ def to_inference_data(
         _check_samplable(structure)
     groups: dict[str, dict[str, np.ndarray]] = {}
     step = _chunk_size(structure, num_samples, chunk_size) if vectorize else 1
+    options = {"vectorize": vectorize, "predictive": posterior_predictive, "prior": prior}
     for start in range(0, num_samples, step):
         size = min(step, num_samples - start)
-        try:
-            draws = _draws.draw(
-                guide, model, structure, size, args, kwargs,
-                vectorize=vectorize, predictive=posterior_predictive,
-            )  # fmt: skip
-            if vectorize and start == 0:
-                _draws.check_first_draw(model, structure, draws, args, kwargs)
-        except (RuntimeError, IndexError) as error:
-            if not vectorize:
-                raise
-            reason = str(error).splitlines()[0]
-            raise ValueError(
-                f"The model failed to run vectorized over draws ({reason}). {_draws.HINT}"
-            ) from error
-        log_weight = draws.lp - draws.log_q
-        _put(groups, "posterior", draws.posterior, start, num_samples)
-        _put(groups, "posterior_predictive", draws.posterior_predictive, start, num_samples)
-        if log_likelihood:
-            _put(groups, "log_likelihood", draws.log_likelihood, start, num_samples)
-        stats = {"log_q": draws.log_q, "lp": draws.lp, "log_weight": log_weight}
-        _put(groups, "sample_stats", stats, start, num_samples)
-        if prior:
-            latent, observed = _draws.draw_prior(
-                model, structure, size, args, kwargs, vectorize=vectorize
-            )
-            _put(groups, "prior", latent, start, num_samples)
-            _put(groups, "prior_predictive", observed, start, num_samples)
-    observed = {
-        name: structure.sites[name].value.detach().cpu().numpy()
-        for name in structure.names("observed")
-    }
-    groups["observed_data"] = observed
+        chunk = _chunk(guide, model, structure, size, args, kwargs, first=start == 0, **options)
+        for group, values in chunk.items():
+            if group != "log_likelihood" or log_likelihood:
+                _put(groups, group, values, start, num_samples)
+    observed = structure.names("observed")
+    groups["observed_data"] = {name: _numpy(structure.sites[name].value) for name in observed}
     if constant_data is not None:
         groups["constant_data"] = {name: _numpy(value) for name, value in constant_data.items()}
     groups = {group: data for group, data in groups.items() if data}
@@ -145,6 +120,48 @@ def to_inference_data(
     return _from_dict(
         groups, coords=coords, dims={**plate_dims(structure.sites), **(dims or {})}, attrs=attrs
     )
+
+
+def _chunk(
+    guide: Callable,
+    model: Callable,
+    structure: _draws.Structure,
+    size: int,
+    args: tuple,
+    kwargs: dict,
+    *,
+    first: bool,
+    vectorize: bool,
+    predictive: bool,
+    prior: bool,
+) -> dict[str, dict[str, Tensor]]:
+    r"""Returns every group's values for one chunk of draws, keyed by group."""
+    try:
+        draws = _draws.draw(
+            guide, model, structure, size, args, kwargs, vectorize=vectorize, predictive=predictive
+        )
+        if vectorize and first:
+            _draws.check_first_draw(model, structure, draws, args, kwargs)
+    except (RuntimeError, IndexError) as error:
+        if not vectorize:
+            raise
+        reason = str(error).splitlines()[0]
+        raise ValueError(
+            f"The model failed to run vectorized over draws ({reason}). {_draws.HINT}"
+        ) from error
+    stats = {"log_q": draws.log_q, "lp": draws.lp, "log_weight": draws.lp - draws.log_q}
+    groups = {
+        "posterior": draws.posterior,
+        "posterior_predictive": draws.posterior_predictive,
+        "log_likelihood": draws.log_likelihood,
+        "sample_stats": stats,
+    }
+    if prior:
+        latent, observed = _draws.draw_prior(
+            model, structure, size, args, kwargs, vectorize=vectorize
+        )
+        groups.update(prior=latent, prior_predictive=observed)
+    return groups
 
 
 def _check(
