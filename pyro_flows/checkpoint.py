@@ -100,10 +100,10 @@ def param_names(params: Iterable[Tensor]) -> dict[str, Tensor]:
 
 
 def get_state(params: Mapping[str, Tensor], optim: PyroOptim) -> dict[str, Any]:
-    r"""Copies parameter values and optimizer state (Pyro's :py:`PyroOptim.get_state`)."""
+    r"""Copies parameter values and optimizer state (see :func:`optim_state`)."""
 
     values = {name: p.detach().clone() for name, p in params.items()}
-    return {"params": values, "optim": clone(optim.get_state())}
+    return {"params": values, "optim": clone(optim_state(optim))}
 
 
 def set_state(

@@ -43,7 +43,8 @@ class Run:
         self.path = None if path is None else os.fspath(path)
         self.result = result
         self.params: dict[str, torch.Tensor] = {}
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: dict[str, Any] | None = None  # the state before the last update
+        self.previous: dict[str, Any] | None = None  # the one before, while updating
         self.failures, self.pending, self.bad_grads = 0, 1.0, []
         self.in_step, self.updating, self.rng = False, False, None
         self.max_failures, self.bar = 10, None
@@ -98,6 +99,7 @@ class Run:
         if not math.isfinite(value) or self.bad_grads:
             zero_grads(set(params.values()))
             return self.fail(value)
+        self.previous = self.snapshot
         self.snapshot = {"step": self.step, **ckpt.get_state(self.params, self.optim)}
         self.update(params, value)
         if not all_finite(list(params.values())):
@@ -152,6 +154,7 @@ class Run:
     def stop(self, reason: str) -> None:
         if self.updating and self.snapshot is not None:
             ckpt.set_state(self.params, self.optim, self.snapshot)
+            self.snapshot = self.previous
         if self.in_step:
             zero_grads(set(self.params.values()))
             ckpt.set_rng_state(self.rng)

@@ -2,6 +2,7 @@ import doctest
 import importlib
 import io
 import math
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -11,7 +12,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 
 import pyro_flows.checkpoint
-from pyro_flows import FitResult, NonFiniteLossError, fit
+from pyro_flows import AutoFlowGuide, FitResult, NonFiniteLossError, fit
 from pyro_flows.checkpoint import load_checkpoint
 from pyro_flows.loop import plateau as _plateau
 
@@ -98,6 +99,19 @@ def test_nan_step_is_undone(kind, validation):
     assert all(torch.isfinite(p).all() for p in params().values())
     for adam in optim.optim_objs.values():
         assert adam.param_groups[0]["lr"] == 0.025
+
+
+def test_failures_in_a_row_and_apart_keep_optimizer_state(validation):
+    # attempts 10 and 11 fail in a row; 13 fails after one good step, restoring a snapshot
+    # taken right after a roll-back (whose optimizers had not been re-created yet)
+    bad = nan_at({10, 11, 13}, "loss")
+    optim = pyro.optim.Adam({"lr": 0.05})
+    result = fit(bad, AutoNormal(bad), DATA, num_steps=30, optim=optim)
+    assert result.num_failures == 3 and result.lr_factor == 0.125
+    for adam in optim.optim_objs.values():
+        assert adam.param_groups[0]["lr"] == 0.05 * 0.125
+        for state in adam.state.values():
+            assert state["step"] == 30  # Adam's own count of the updates that were kept
 
 
 def test_undo_restores_last_good_state(validation):
@@ -193,7 +207,12 @@ def adam():
     return pyro.optim.Adam({"lr": 0.02})
 
 
-GUIDES = {"AutoNormal": AutoNormal, "AutoIAFNormal": AutoIAFNormal}
+GUIDES = {
+    "AutoNormal": AutoNormal,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoFlowGuide_stl": partial(AutoFlowGuide, stl=True),
+    "AutoFlowGuide_nsf": partial(AutoFlowGuide, flow="nsf", randperm=True),
+}
 SCHEDULE = {"lr_schedule": lambda t: 0.99**t}
 STOPS = {
     # how the first run stops: (its arguments, steps done, stop reason)
@@ -211,9 +230,17 @@ STOPS = {
 }
 
 
-@pytest.mark.parametrize("guide", GUIDES.values(), ids=GUIDES.keys())
-@pytest.mark.parametrize("how", STOPS.keys())
-def test_resume_equals_uninterrupted(guide, how, tmp_path):
+CASES = [("AutoNormal", how) for how in STOPS] + [
+    ("AutoIAFNormal", "callback"),  # a Pyro flow, with a permutation buffer
+    ("AutoFlowGuide_stl", "callback"),
+    ("AutoFlowGuide_stl", "mid_update"),  # with undone non-finite steps before the stop
+    ("AutoFlowGuide_nsf", "num_steps"),  # zuko's random permutations
+]
+
+
+@pytest.mark.parametrize("name,how", CASES)
+def test_resume_equals_uninterrupted(name, how, tmp_path):
+    guide = GUIDES[name]
     first, done, reason = STOPS[how]
     first = first()
     schedule = SCHEDULE if "lr_schedule" in first else {}
@@ -224,7 +251,8 @@ def test_resume_equals_uninterrupted(guide, how, tmp_path):
     pyro.set_rng_seed(0)
     path = tmp_path / "fit.pt"
     result = fit(model, guide(model), DATA, **{"num_steps": 60, "checkpoint": path, **first})
-    assert (result.num_steps, result.stop_reason) == (done, reason)
+    assert result.stop_reason == reason
+    assert result.num_steps == done - result.num_failures  # each failure undoes a step
 
     pyro.clear_param_store()
     pyro.set_rng_seed(123)  # another random stream, and a guide built from it
