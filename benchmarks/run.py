@@ -1,0 +1,161 @@
+r"""Runs the reference-posterior benchmark: every guide on every target, in one process.
+
+Usage:
+    python -m benchmarks.run --quick          # a few minutes: 2 targets, 1 seed, 1,000 steps
+    python -m benchmarks.run                  # full: every target, 3 seeds, 5,000 steps
+    python -m benchmarks.run --targets banana --guides AutoNormal "AutoFlowGuide(iaf)"
+
+Writes `results.json` (every seed), `results.md` (medians over seeds) and plots under
+`--out` (default `benchmarks/results`, or `benchmarks/results/tmp/quick` in quick mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import pyro
+import torch
+
+from . import report
+from .draws import scalar_columns
+from .fitting import Fit, Recipe, fit_guide
+from .guides import GUIDES
+from .targets import TARGETS, load_target
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_TARGETS = ("eight_schools-eight_schools_noncentered", "banana")
+QUICK = {"steps": 1000, "lr": 0.01, "draws": 1000, "seeds": 1}
+FULL = {"steps": 5000, "lr": 0.003, "draws": 4000, "seeds": 3}
+WARMUP_STEPS = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    r"""Parses the command line; unset options take the quick or full defaults."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="2 targets, 1 seed, short fits")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), metavar="TARGET")
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), metavar="GUIDE")
+    parser.add_argument("--seeds", type=int, help="seeds 0, 1, ..., N-1")
+    parser.add_argument("--steps", type=int, help="SVI steps per fit")
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
+    parser.add_argument("--draws", type=int, help="guide draws for ELBO, k-hat and marginals")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.targets is None:
+        args.targets = list(QUICK_TARGETS if args.quick else TARGETS)
+    if args.guides is None:
+        args.guides = list(GUIDES)
+    if args.out is None:
+        args.out = RESULTS / "tmp" / "quick" if args.quick else RESULTS
+    return args
+
+
+def warm_up(guides: list[str]) -> None:
+    r"""Takes a few steps with every guide so one-time costs (imports, caches) are not timed."""
+    banana = load_target("banana")
+    for name in guides:
+        fit_guide(banana, GUIDES[name], Recipe(steps=WARMUP_STEPS, draws=200), seed=0)
+
+
+def run_target(target, guides: list[str], recipe: Recipe, seeds: int) -> tuple[list, dict, dict]:
+    r"""Fits every guide for every seed; returns results, first-seed draws and ELBO traces."""
+    results, columns, traces = [], {}, {}
+    for seed in range(seeds):
+        for name in guides:
+            start = time.perf_counter()
+            try:
+                fit = fit_guide(target, GUIDES[name], recipe, seed)
+            except Exception as error:  # a guide that cannot fit this target is a result
+                traceback.print_exc(limit=3)
+                fit = Fit({"seed": seed, "error": f"{type(error).__name__}: {error}"}, {}, [])
+            result = {"target": target.name, "guide": name, **fit.metrics}
+            results.append(result)
+            if seed == 0:
+                columns[name], traces[name] = fit.columns, fit.elbo_trace
+            _progress(result, time.perf_counter() - start)
+    return results, columns, traces
+
+
+def _progress(result: dict, seconds: float) -> None:
+    if result.get("error"):
+        print(f"  {result['guide']:28s} seed {result['seed']}: {result['error']}", flush=True)
+        return
+    print(
+        f"  {result['guide']:28s} seed {result['seed']}: ELBO {result['elbo']:9.2f} "
+        f"k̂ {result['khat']:5.2f} sd ratio [{result['min_sd_ratio']:.2f}, "
+        f"{result['max_sd_ratio']:.2f}] {result['ms_per_step']:.2f} ms/step ({seconds:.0f} s)",
+        flush=True,
+    )
+
+
+def _complete(results: list[dict]) -> None:
+    """Gives failed fits every column, as NaN."""
+    for r in results:
+        for key, _, _ in report.COLUMNS:
+            r.setdefault(key, math.nan)
+        r.setdefault("dim", 0)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    r"""Runs the benchmark and writes its outputs; returns the results (one dict per fit)."""
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    recipe = Recipe(steps=args.steps, lr=args.lr, particles=args.particles, draws=args.draws)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    warm_up(args.guides)
+    results, descriptions = [], {}
+    for name in args.targets:
+        target = load_target(name)
+        if target is None:
+            continue
+        print(f"{name}: {target.description}", flush=True)
+        descriptions[name] = target.description
+        found, columns, traces = run_target(target, args.guides, recipe, args.seeds)
+        results += found
+        if not args.no_plots:
+            reference = scalar_columns(target.reference(None, seed=10_000))
+            report.plot_marginals(name, reference, columns, args.out / f"marginals-{name}.png")
+            report.plot_elbo_traces(name, traces, args.out / f"elbo-{name}.png")
+    _complete(results)
+    report.add_step_ratios(results)
+    seconds = time.perf_counter() - started
+    settings = {
+        "mode": "quick" if args.quick else "full",
+        "recipe": asdict(recipe),
+        "seeds": args.seeds,
+        "targets": list(descriptions),
+        "guides": args.guides,
+        "seconds": seconds,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__}
+        | {"pyro": pyro.__version__},
+        "threads": torch.get_num_threads(),
+    }
+    report.write_json(results, settings, args.out / "results.json")
+    header = (
+        f"# Benchmark results ({settings['mode']} mode)\n\n"
+        f"{args.steps} steps of Adam (lr {args.lr}), {args.particles} particles, "
+        f"{args.draws} guide draws, medians over {args.seeds} seed(s); {seconds:.0f} s on "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, pyro "
+        f"{pyro.__version__}."
+    )
+    (args.out / "results.md").write_text(report.markdown(results, descriptions, header))
+    print(f"wrote {args.out} in {seconds:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

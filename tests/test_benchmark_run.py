@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark runner (tiny settings) and checks of its metrics."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.guides import BASELINE, GUIDES
+from benchmarks.metrics import marginal_errors, steps_to_within, wasserstein_1d
+from benchmarks.run import main, parse_args
+
+
+def test_quick_mode_on_one_small_target(tmp_path, capsys):
+    argv = ["--quick", "--targets", "banana", "--steps", "30", "--draws", "200"]
+    results = main([*argv, "--out", str(tmp_path)])
+    assert [r["guide"] for r in results] == list(GUIDES)
+    for r in results:
+        assert r["error"] is None, (r["guide"], r["error"])
+        assert math.isfinite(r["elbo"]) and math.isfinite(r["khat"])
+        assert r["elbo"] < 3 * r["elbo_se"]  # the banana is normalised: ELBO <= log Z = 0
+        assert r["iwelbo"] >= r["elbo"] - 3 * r["elbo_se"]
+        assert r["ms_per_step"] > 0 and len(r["elbo_trace"]) == 30
+    assert next(r for r in results if r["guide"] == BASELINE)["step_ratio"] == 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["recipe"]["steps"] == 30 and len(saved["results"]) == len(GUIDES)
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {guide} |" in table for guide in GUIDES)
+    assert (tmp_path / "marginals-banana.png").stat().st_size > 0
+    assert (tmp_path / "elbo-banana.png").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_modes_have_their_defaults():
+    quick, full = parse_args(["--quick"]), parse_args([])
+    assert quick.seeds == 1 and len(quick.targets) == 2
+    assert full.seeds == 3 and full.steps == 5000 and len(full.targets) == 12
+
+
+def test_wasserstein_of_gaussians():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=200_000), rng.normal(size=200_000)
+    # W1(N(0, 1), N(0, 2^2)) = E|Z| (2 - 1) = sqrt(2 / pi); sampling error ~ 0.003
+    assert wasserstein_1d(x, 2 * y) == pytest.approx(math.sqrt(2 / math.pi), abs=0.015)
+    assert wasserstein_1d(x, y) < 0.015
+
+
+def test_marginal_errors_are_in_reference_sds():
+    rng = np.random.default_rng(1)
+    reference = {"a": rng.normal(0.0, 10.0, 100_000)}
+    guide = {"a": rng.normal(5.0, 5.0, 100_000)}
+    errors = marginal_errors(guide, reference)["a"]
+    assert errors["mean_error"] == pytest.approx(0.5, abs=0.01)
+    assert errors["sd_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_steps_to_within_one_nat():
+    trace = np.r_[np.full(50, -20.0), np.full(950, -3.0)]
+    assert steps_to_within(trace, -3.0) == 50 + 19  # running mean over 20 steps
+    assert steps_to_within(np.full(100, -5.0), 0.0) is None
