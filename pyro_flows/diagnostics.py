@@ -145,15 +145,19 @@ class Diagnosis:
     def summary(self) -> str:
         r"""A readable table of the results, led by the verdict."""
 
-        lines = [
-            f"Verdict: {self.verdict.upper()}. {self.reason}",
-            f"  Pareto k-hat       {self.khat:8.3f}   (trust <= 0.5; threshold for "
-            f"S = {self.num_samples}: {self.khat_threshold:.3f})",
-            f"  ESS                {self.ess:8.1f}   of {self.num_samples} draws",
-            f"  ELBO               {self.elbo:10.3f} +- {self.elbo_se:.3f}",
+        rows = [
+            (
+                "Pareto k-hat",
+                f"{self.khat:.3f}",
+                f"trust <= 0.5, threshold {self.khat_threshold:.3f}",
+            ),
+            ("ESS", f"{self.ess:.1f}", f"of {self.num_samples} draws"),
+            ("ELBO", f"{self.elbo:.3f}", f"+- {self.elbo_se:.3f}"),
         ]
         for k, value in self.iwelbo.items():
-            lines.append(f"  IW-ELBO (K = {k:>4})  {value:10.3f} +- {self.iwelbo_se[k]:.3f}")
+            rows.append((f"IW-ELBO (K = {k})", f"{value:.3f}", f"+- {self.iwelbo_se[k]:.3f}"))
+        lines = [f"Verdict: {self.verdict.upper()}. {self.reason}"]
+        lines += [f"  {name:<18} {value:>12}  {note}" for name, value, note in rows]
         if not self.vectorized:
             lines.append("  (draws computed one at a time: the model did not vectorize)")
         return "\n".join(lines)

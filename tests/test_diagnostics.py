@@ -282,7 +282,7 @@ def test_summary_and_dict():
     d = diagnose(model, normal_guide(model, POST_MEAN, 0.3 * POST_SD), X, num_samples=1000)
     text = str(d)
     assert text.startswith(f"Verdict: {d.verdict.upper()}.")
-    assert "Pareto k-hat" in text and "IW-ELBO (K =  100)" in text
+    assert "Pareto k-hat" in text and "IW-ELBO (K = 100)" in text
     assert repr(d).startswith("Diagnosis(verdict=")
     flat = d.to_dict()
     assert flat["khat"] == d.khat and flat["iwelbo_10"] == d.iwelbo[10]
