@@ -96,7 +96,8 @@ class Diagnosis:
             stats = _psis(lw)
             stats["iwelbo"], stats["iwelbo_se"] = _iwelbo(lw, num_particles)
         nonfinite = nonfinite or {}
-        stats["verdict"], stats["reason"] = _verdict(lw, stats, nonfinite)
+        point = bool(samples) and len(lw) > 1 and all(_constant(v) for v in samples.values())
+        stats["verdict"], stats["reason"] = _verdict(lw, stats, nonfinite, point)
         stats["psis_log_weights"] = torch.as_tensor(stats["psis_log_weights"])
         return cls(
             log_weights.detach(), samples, vectorized=vectorized, nonfinite=nonfinite, **stats
@@ -250,6 +251,10 @@ def diagnose(
     return Diagnosis.from_log_weights(*found, num_particles, vectorized, nonfinite)
 
 
+def _constant(draws: Tensor) -> bool:
+    return bool((draws == draws[:1]).all())
+
+
 def _psis(lw: np.ndarray) -> dict[str, Any]:
     import arviz
 
@@ -285,8 +290,15 @@ def _iwelbo(
     return values, errors
 
 
-def _verdict(lw: np.ndarray, stats: dict[str, Any], nonfinite: dict[str, int]) -> tuple[str, str]:
+def _verdict(
+    lw: np.ndarray, stats: dict[str, Any], nonfinite: dict[str, int], point: bool
+) -> tuple[str, str]:
     khat, threshold, ess = stats["khat"], stats["khat_threshold"], stats["ess"]
+    if point:
+        return DISTRUST, (
+            "every draw of the guide is the same point (a point estimate such as AutoDelta): "
+            "it is not a posterior approximation, and importance weights cannot judge it."
+        )
     if math.isnan(khat):
         sites = ", ".join(f"{name!r} ({count} values)" for name, count in nonfinite.items())
         where = f" at sites {sites}" if sites else ""

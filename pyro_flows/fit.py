@@ -178,6 +178,8 @@ def fit(
     """
 
     _check(num_steps, patience, min_delta, max_failures, checkpoint_every, callback)
+    if checkpoint is not None and not Path(checkpoint).absolute().parent.is_dir():
+        raise ValueError(f"checkpoint={os.fspath(checkpoint)!r}: its folder does not exist")
     _set_stl(guide, stl)
     optim = _optimizer(optim, lr_schedule)
     result = FitResult(checkpoint=None if checkpoint is None else os.fspath(checkpoint))

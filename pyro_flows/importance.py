@@ -109,6 +109,7 @@ def _importance(
     chunk_size: int | None,
 ) -> tuple[ImportanceWeights, bool, dict[str, int]]:
     model_trace, guide_trace = traces(model, guide, args, kwargs)
+    _check_full_data(model_trace)
     shapes = latent_shapes(model_trace)
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model_trace, guide_trace)
@@ -178,6 +179,19 @@ def plate_nesting(*traces: Trace) -> int:
         if frame.vectorized and frame.dim is not None
     ]
     return max(dims, default=0)
+
+
+def _check_full_data(trace: Trace) -> None:
+    r"""Raises a :py:`ValueError` if a plate subsamples: weights need the whole likelihood."""
+
+    for site in _samples(trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"plate {frame.name!r} subsamples {frame.size} of {frame.full_size} at site "
+                    f"{site['name']!r}: importance weights need the full data; run the model "
+                    "without subsample_size (or pass all the data) to diagnose it"
+                )
 
 
 def _samples(*traces: Trace) -> list[dict]:

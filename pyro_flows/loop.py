@@ -1,5 +1,6 @@
 r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-back, resume."""
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -77,7 +78,8 @@ class Run:
             self.stop("interrupted")
         except Exception:
             self.stop("error")
-            self.save()
+            with contextlib.suppress(Exception):  # the error being raised matters more
+                self.save()
             raise
         self.save()
 

@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide import (
+    AutoDelta,
     AutoDiagonalNormal,
     AutoIAFNormal,
     AutoLowRankMultivariateNormal,
@@ -240,6 +241,24 @@ def test_exact_guide_constrained_site():
     d = diagnose(gamma_poisson, guide, COUNTS, num_samples=500)
     assert d.verdict == "trust"
     assert d.elbo == pytest.approx(LOG_Z_COUNTS, abs=1e-4)
+
+
+def test_point_estimate_is_not_trusted():
+    guide = AutoDelta(model)
+    fit(model, guide, X, num_steps=20)
+    d = diagnose(model, guide, X, num_samples=100)
+    assert d.khat == -math.inf  # constant weights, as for an exact guide...
+    assert d.verdict == "do not trust" and "AutoDelta" in d.reason  # ...but no spread at all
+
+
+def test_subsampling_is_refused():
+    def model_subsampled(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x), subsample_size=3) as index:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x[index])
+
+    with pytest.raises(ValueError, match="plate 'data' subsamples 3 of 8 at site 'obs'"):
+        diagnose(model_subsampled, hand_written_guide, X)
 
 
 def test_log_importance_weights_shapes_and_chunks():

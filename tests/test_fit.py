@@ -312,6 +312,9 @@ def test_stl_flag():
     with pytest.raises(TypeError, match="stl=True needs a guide with an `stl` attribute"):
         fit(model, AutoNormal(model), DATA, num_steps=2, stl=True)
     fit(model, AutoNormal(model), DATA, num_steps=2, stl=False)
+    flow = AutoFlowGuide(model)
+    fit(model, flow, DATA, num_steps=2, stl=True)
+    assert flow.stl is True
 
 
 @pytest.mark.parametrize(
@@ -350,6 +353,11 @@ def test_scheduler_is_stepped():
     fit(model, AutoNormal(model), DATA, num_steps=3, optim=optim)
     for scheduler in optim.optim_objs.values():
         assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_checkpoint_folder_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="folder does not exist"):
+        fit(model, AutoNormal(model), DATA, checkpoint=tmp_path / "missing" / "fit.pt")
 
 
 def test_checkpoint_mismatch(tmp_path):
