@@ -29,6 +29,12 @@ class ImportanceWeights(NamedTuple):
             :py:`(num_samples,)`.
         samples: For every latent (and deterministic) site of the model, its values in the
             constrained space, with shape :py:`(num_samples, *site_shape)`.
+
+    Example:
+        >>> weights = ImportanceWeights(torch.zeros(3), {"z": torch.ones(3, 2)})
+        >>> log_weights, samples = weights
+        >>> samples["z"].shape
+        torch.Size([3, 2])
     """
 
     log_weights: Tensor

@@ -116,9 +116,9 @@ class Run:
         self.optim(set(params.values()))
         zero_grads(set(params.values()))
         if isinstance(self.optim, PyroLRScheduler):
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+            reduce = torch.optim.lr_scheduler.ReduceLROnPlateau
             constructor = self.optim.pt_scheduler_constructor
-            on_plateau = isinstance(constructor, type) and issubclass(constructor, plateau)
+            on_plateau = isinstance(constructor, type) and issubclass(constructor, reduce)
             self.optim.step(*([value] if on_plateau else []))
         self.updating = False
 

@@ -355,6 +355,17 @@ def test_scheduler_is_stepped():
         assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
+def test_reduce_on_plateau_gets_the_loss(tmp_path):
+    optim = pyro.optim.ReduceLROnPlateau(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.1}, "patience": 0}
+    )
+    path = tmp_path / "fit.pt"
+    fit(model, AutoNormal(model), DATA, num_steps=20, optim=optim, checkpoint=path)
+    lrs = [s.optimizer.param_groups[0]["lr"] for s in optim.optim_objs.values()]
+    assert all(lr < 0.1 for lr in lrs)  # a noisy loss fails to improve within 20 steps
+    assert load_checkpoint(path)["step"] == 20  # its state is checkpoint-safe
+
+
 def test_checkpoint_folder_must_exist(tmp_path):
     with pytest.raises(ValueError, match="folder does not exist"):
         fit(model, AutoNormal(model), DATA, checkpoint=tmp_path / "missing" / "fit.pt")
