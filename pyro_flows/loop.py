@@ -3,6 +3,8 @@ r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-bac
 import contextlib
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -63,17 +65,8 @@ class Run:
         every: int,
     ) -> None:
         try:
-            while self.step < num_steps:
-                if not self.attempt():
-                    continue
-                if self.path is not None and self.step % every == 0:
-                    self.save()
-                if plateau(self.result.losses, patience, min_delta):
-                    self.result.stop_reason = "early_stopping"
-                    break
-                if callback is not None and callback(self.step - 1, self.result.losses[-1]):
-                    self.result.stop_reason = "callback"
-                    break
+            with DeferredInterrupt() as interrupt:
+                self.steps(num_steps, patience, min_delta, callback, every, interrupt)
         except KeyboardInterrupt:
             self.stop("interrupted")
         except Exception:
@@ -82,6 +75,30 @@ class Run:
                 self.save()
             raise
         self.save()
+
+    def steps(
+        self,
+        num_steps: int,
+        patience: int | None,
+        min_delta: float,
+        callback: Callable | None,
+        every: int,
+        interrupt: "DeferredInterrupt",
+    ) -> None:
+        while self.step < num_steps:
+            kept = self.attempt()
+            if interrupt.requested:
+                raise KeyboardInterrupt
+            if not kept:
+                continue
+            if self.path is not None and self.step % every == 0:
+                self.save()
+            if plateau(self.result.losses, patience, min_delta):
+                self.result.stop_reason = "early_stopping"
+                return
+            if callback is not None and callback(self.step - 1, self.result.losses[-1]):
+                self.result.stop_reason = "callback"
+                return
 
     def attempt(self) -> bool:
         self.in_step, self.rng = True, ckpt.get_rng_state()
@@ -216,3 +233,27 @@ def plateau(losses: list[float], patience: int | None, min_delta: float) -> bool
         return False
     means = [sum(losses[i : i + patience]) / patience for i in range(0, step, patience)]
     return means[-1] > min(means[:-1]) - min_delta
+
+
+class DeferredInterrupt:
+    r"""Defers Ctrl-C (SIGINT) to the end of the current step; a second Ctrl-C acts at once.
+
+    Installed only in the main thread, and only over Python's default SIGINT handler.
+    """
+
+    def __init__(self) -> None:
+        self.requested, self.previous = False, None
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __enter__(self) -> "DeferredInterrupt":
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self.handle:
+            signal.signal(signal.SIGINT, self.previous)

@@ -2,6 +2,8 @@ import doctest
 import importlib
 import io
 import math
+import os
+import signal
 from functools import partial
 
 import pyro
@@ -205,6 +207,38 @@ def interrupt_at(step):
 
 def adam():
     return pyro.optim.Adam({"lr": 0.02})
+
+
+def sigint_at(attempt):
+    """A model that sends this process Ctrl-C (SIGINT) in the middle of the given attempt."""
+
+    count = [-1]  # AutoNormal runs the model once to set itself up
+
+    def sending_model(x):
+        if count[0] == attempt:
+            os.kill(os.getpid(), signal.SIGINT)
+        count[0] += 1
+        model(x)
+
+    return sending_model
+
+
+def test_ctrl_c_finishes_the_step(tmp_path):
+    fit(model, AutoNormal(model), DATA, num_steps=30, optim=adam())
+    expected = params()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    path = tmp_path / "fit.pt"
+    interrupting = sigint_at(10)
+    guide = AutoNormal(interrupting)
+    result = fit(interrupting, guide, DATA, num_steps=30, optim=adam(), checkpoint=path)
+    assert result.stop_reason == "interrupted" and result.num_steps == 11
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+    pyro.clear_param_store()
+    fit(model, AutoNormal(model), DATA, num_steps=30, optim=adam(), checkpoint=path)
+    assert_same(params(), expected)
 
 
 GUIDES = {
