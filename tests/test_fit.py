@@ -451,3 +451,13 @@ def test_result_summary():
 def test_docstring_examples(module):
     module = importlib.import_module(f"pyro_flows.{module}")
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+@pytest.mark.slow
+def test_stl_benchmark_smoke(capsys):
+    stl = importlib.import_module("benchmarks.stl")
+    argv = ["--num-steps", "5", "--seeds", "1", "--draws", "50", "--particles", "2"]
+    rows = stl.main([*argv, "--targets", "sblrc-blr"])
+    assert [row["stl"] for row in rows] == [False, True]
+    assert all(row["error"] is None and math.isfinite(row["elbo"]) for row in rows)
+    assert "medians over seeds" in capsys.readouterr().out
