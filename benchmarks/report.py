@@ -34,7 +34,7 @@ COLUMNS = [  # (key, header, format)
     ("step_ratio", "× AutoNormal", "{:.2f}"),
     ("steps_to_1nat", "steps to 1 nat", "{:.0f}"),
     ("seconds_to_1nat", "s to 1 nat", "{:.1f}"),
-    ("peak_rss_mb", "peak MB", "{:.0f}"),
+    ("peak_rss_mb", "peak ΔRSS MB", "{:.0f}"),
 ]
 
 

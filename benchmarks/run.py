@@ -1,7 +1,7 @@
 r"""Runs the reference-posterior benchmark: every guide on every target, in one process.
 
 Usage:
-    python -m benchmarks.run --quick          # a few minutes: 2 targets, 1 seed, 1,000 steps
+    python -m benchmarks.run --quick          # about 2 minutes: 3 targets, 1 seed, 1,000 steps
     python -m benchmarks.run                  # full: every target, 3 seeds, 5,000 steps
     python -m benchmarks.run --targets banana --guides AutoNormal "AutoFlowGuide(iaf)"
 
@@ -30,7 +30,7 @@ from .guides import GUIDES
 from .targets import TARGETS, load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUICK_TARGETS = ("eight_schools-eight_schools_noncentered", "banana")
+QUICK_TARGETS = ("eight_schools-eight_schools_noncentered", "banana", "funnel10")
 QUICK = {"steps": 1000, "lr": 0.01, "draws": 1000, "seeds": 1}
 FULL = {"steps": 5000, "lr": 0.003, "draws": 4000, "seeds": 3}
 WARMUP_STEPS = 3
@@ -39,7 +39,7 @@ WARMUP_STEPS = 3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r"""Parses the command line; unset options take the quick or full defaults."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2 targets, 1 seed, short fits")
+    parser.add_argument("--quick", action="store_true", help="3 targets, 1 seed, short fits")
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), metavar="TARGET")
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), metavar="GUIDE")
     parser.add_argument("--seeds", type=int, help="seeds 0, 1, ..., N-1")

@@ -33,7 +33,7 @@ def test_quick_mode_on_one_small_target(tmp_path, capsys):
 
 def test_modes_have_their_defaults():
     quick, full = parse_args(["--quick"]), parse_args([])
-    assert quick.seeds == 1 and len(quick.targets) == 2
+    assert quick.seeds == 1 and len(quick.targets) == 3
     assert full.seeds == 3 and full.steps == 5000 and len(full.targets) == 12
 
 
