@@ -5,6 +5,8 @@ import pytest
 import torch
 
 matplotlib.use("Agg")
+# The models under test are tiny: one thread is faster and keeps CI from oversubscribing.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -17,4 +19,3 @@ def _fresh_pyro_state():
     yield
     torch.set_default_dtype(default_dtype)
     pyro.clear_param_store()
-

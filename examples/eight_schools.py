@@ -1,0 +1,108 @@
+"""Eight schools: AutoNormal against AutoFlowGuide, side by side.
+
+The hierarchical model of Rubin (1981), non-centred. The only change between the two fits is
+the guide: ``AutoNormal(model)`` becomes ``AutoFlowGuide(model)``. Run::
+
+    python examples/eight_schools.py --num-steps 2000
+
+When ``../shared/refdata`` (posteriordb reference draws) is present, a column with the
+reference NUTS posterior is added.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_flows import AutoFlowGuide
+
+Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "refdata"
+REFERENCE = REFERENCE / "eight_schools-eight_schools_noncentered" / "reference.npz"
+
+
+def model(sigma, y=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", len(sigma)):
+        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        theta = pyro.deterministic("theta", mu + tau * theta_trans)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def fit(guide, num_steps, lr, num_particles):
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        loss = svi.step(SIGMA, Y)
+    return loss, time.perf_counter() - start
+
+
+def summarize(draws):
+    """Mean, sd and 5%/95% quantiles of every scalar parameter."""
+    rows = {}
+    for name in ("mu", "tau", "theta"):
+        values = np.asarray(draws[name]).reshape(len(draws[name]), -1)
+        for j in range(values.shape[1]):
+            label = name if values.shape[1] == 1 else f"{name}[{j}]"
+            v = values[:, j]
+            rows[label] = (v.mean(), v.std(), *np.quantile(v, [0.05, 0.95]))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-steps", type=int, default=3000)
+    parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--num-particles", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--flow", default="iaf")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread
+
+    summaries, notes = {}, {}
+    for name, make_guide in {
+        "AutoNormal": lambda: AutoNormal(model),
+        "AutoFlowGuide": lambda: AutoFlowGuide(model, flow=args.flow),
+    }.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        guide = make_guide()
+        loss, seconds = fit(guide, args.num_steps, args.lr, args.num_particles)
+        predictive = Predictive(model, guide=guide, num_samples=args.num_samples)
+        with torch.no_grad():
+            draws = {k: v.squeeze(-2) for k, v in predictive(SIGMA).items() if k != "y"}
+        summaries[name] = summarize(draws)
+        notes[name] = f"final loss {loss:.2f}, {seconds:.1f} s"
+    if REFERENCE.exists():
+        reference = np.load(REFERENCE)
+        summaries["NUTS (posteriordb)"] = summarize(
+            {k: reference[k] for k in ("mu", "tau", "theta")}
+        )
+
+    print(f"Eight schools, {args.num_steps} steps, {args.num_particles} particles, lr {args.lr}")
+    for name, note in notes.items():
+        print(f"  {name}: {note}")
+    header = f"{'':10s}" + "".join(f"{name:>34s}" for name in summaries)
+    print(header)
+    print(f"{'':10s}" + "".join(f"{'mean    sd     5%    95%':>34s}" for _ in summaries))
+    for row in summaries["AutoNormal"]:
+        cells = "".join(
+            "{:>34s}".format("{:6.2f} {:5.2f} {:6.2f} {:6.2f}".format(*summary[row]))
+            for summary in summaries.values()
+        )
+        print(f"{row:10s}{cells}")
+    return {name: {k: list(map(float, v)) for k, v in s.items()} for name, s in summaries.items()}
+
+
+if __name__ == "__main__":
+    main()

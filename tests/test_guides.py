@@ -1,0 +1,255 @@
+import copy
+import io
+import pickle
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import (
+    MCMC,
+    NUTS,
+    SVI,
+    JitTrace_ELBO,
+    Predictive,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+)
+from pyro.infer.autoguide import AutoNormal, init_to_value
+from pyro.infer.reparam import NeuTraReparam
+from torch.distributions import biject_to
+
+from pyro_flows import FLOWS, AutoFlowGuide
+
+
+def model(x, y):
+    """Constrained, vector-valued, simplex and plated latents."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    p = pyro.sample("p", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("groups", 3):
+        b = pyro.sample("b", dist.Normal(0.0, sigma))
+    group = torch.arange(len(y)) % 3
+    with pyro.plate("data", len(y)):
+        mean = (x * w).sum(-1) + b[..., group] + p[..., :1]
+        pyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+
+def data(n=12):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=generator)
+    y = x @ torch.tensor([1.0, -0.5]) + 0.3 * torch.randn(n, generator=generator)
+    return x, y
+
+
+ELBOS = {
+    "Trace": lambda: Trace_ELBO(),
+    "Trace-vectorized": lambda: Trace_ELBO(num_particles=3, vectorize_particles=True),
+    "JitTrace": lambda: JitTrace_ELBO(ignore_jit_warnings=True),
+    "TraceGraph": lambda: TraceGraph_ELBO(),
+    "Renyi": lambda: RenyiELBO(alpha=0.5, num_particles=2),
+}
+
+
+@pytest.mark.parametrize("loss", ELBOS)
+@pytest.mark.parametrize("flow", FLOWS)
+def test_contract(flow, loss):
+    x, y = data()
+    guide = AutoFlowGuide(model, flow=flow, hidden_features=(16, 16))
+    elbo = ELBOS[loss]()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        losses = [svi.step(x, y) for _ in range(3)]
+        assert all(torch.isfinite(torch.tensor(losses)))
+
+        # A gradient on every parameter.
+        params = [guide.loc_unconstrained, guide.scale_unconstrained]
+        params.append(guide.flow_params_unconstrained)
+        surrogate = Trace_ELBO().differentiable_loss(model, guide, x, y)
+    grads = torch.autograd.grad(surrogate, params)
+    for g in grads:
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+    # Predictive: the same sites and shapes as with AutoNormal.
+    samples = Predictive(model, guide=guide, num_samples=4)(x, y)
+    reference = Predictive(model, guide=AutoNormal(model), num_samples=4)(x, y)
+    assert {k: v.shape for k, v in samples.items()} == {k: v.shape for k, v in reference.items()}
+
+    # median and quantiles: same shapes as AutoNormal's, values in the support.
+    median = guide.median(x, y)
+    quantiles = guide.quantiles([0.1, 0.5, 0.9], x, y)
+    trace = poutine.trace(model).get_trace(x, y)
+    for name in ("sigma", "w", "p", "b"):
+        support = trace.nodes[name]["fn"].support
+        assert median[name].shape == trace.nodes[name]["value"].shape
+        assert quantiles[name].shape == (3, *trace.nodes[name]["value"].shape)
+        assert support.check(median[name]).all()
+        assert support.check(quantiles[name]).all()
+        torch.testing.assert_close(quantiles[name][1], median[name])
+    assert (quantiles["sigma"].diff(dim=0) > 0).all()
+
+    # Save, then load into a freshly built guide: identical log-densities.
+    buffer = io.BytesIO()
+    torch.save(guide.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = AutoFlowGuide(model, flow=flow, hidden_features=(16, 16))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    z = torch.randn(5, guide.latent_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.get_posterior().log_prob(z), guide.get_posterior().log_prob(z), rtol=0, atol=0
+        )
+    assert "AutoFlowGuide" in repr(guide)
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_step_zero_is_the_diagonal_normal(flow):
+    torch.set_default_dtype(torch.float64)
+    x, y = data()
+    values = {
+        "sigma": torch.tensor(0.7),
+        "w": torch.tensor([0.3, -1.0]),
+        "p": torch.tensor([0.2, 0.3, 0.5]),
+        "b": torch.tensor([-1.0, 0.0, 2.0]),
+    }
+    init = init_to_value(values=values)
+    guide = AutoFlowGuide(model, flow=flow, init_loc_fn=init, init_scale=0.2)
+    trace = poutine.trace(guide).get_trace(x, y)
+    loc = guide.loc.detach()
+    assert loc[0] == torch.tensor(0.7).log()  # sigma, unconstrained
+    torch.testing.assert_close(loc[1:3], torch.tensor([0.3, -1.0]))
+
+    # log q of any point equals that of the diagonal Normal at init_loc with init_scale.
+    z = loc + 3 * torch.randn(50, guide.latent_dim)
+    expected = dist.Normal(loc, 0.2).log_prob(z).sum(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(z), expected, atol=1e-6, rtol=0)
+
+    # The whole guide trace has the density of AutoNormal with the same initialization.
+    autonormal = AutoNormal(model, init_loc_fn=init, init_scale=0.2)
+    unconstrained = {
+        f"{name}_unconstrained": biject_to(site["fn"].support).inv(trace.nodes[name]["value"])
+        for name, site in guide.prototype_trace.iter_stochastic_nodes()
+    }
+    conditioned = poutine.condition(autonormal, data=unconstrained)
+    replayed = poutine.trace(conditioned).get_trace(x, y)
+    for name, _ in guide.prototype_trace.iter_stochastic_nodes():
+        torch.testing.assert_close(replayed.nodes[name]["value"], trace.nodes[name]["value"])
+    torch.testing.assert_close(trace.log_prob_sum(), replayed.log_prob_sum(), atol=1e-6, rtol=0)
+
+
+def test_float64_follows_the_model():
+    def model64():
+        pyro.sample("z", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model64, flow="nsf")
+    svi = SVI(model64, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step()))
+    assert guide.loc.dtype == guide.flow_params.dtype == torch.float64
+    assert guide()["z"].dtype == torch.float64
+
+
+def test_to_device_and_dtype():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+    guide.to(torch.device("cpu"))
+    assert guide(x, y)["w"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda():
+    x, y = (t.cuda() for t in data())
+    guide = AutoFlowGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(x, y)
+    assert guide.flow_params.is_cuda and guide.median(x, y)["w"].is_cuda
+
+
+def test_copy_and_pickle():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+    z = torch.randn(3, guide.latent_dim)
+    expected = guide.get_posterior().log_prob(z)
+    for clone in (copy.deepcopy(guide), pickle.loads(pickle.dumps(guide))):
+        torch.testing.assert_close(clone.get_posterior().log_prob(z), expected)
+
+
+def test_get_transform_matches_sampling_and_runs_neutra():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(20):
+        svi.step(x, y)
+    posterior = guide.get_posterior()
+    pyro.set_rng_seed(3)
+    z = posterior.rsample((4,))
+    pyro.set_rng_seed(3)
+    eps = guide.get_base_dist().sample((4,))
+    torch.testing.assert_close(guide.get_transform()(eps), z)
+
+    neutra = NeuTraReparam(guide)
+    reparam_model = poutine.reparam(model, config=lambda site: neutra)
+    mcmc = MCMC(NUTS(reparam_model), num_samples=5, warmup_steps=5, disable_progbar=True)
+    mcmc.run(x, y)
+    latent = mcmc.get_samples()["sigma_shared_latent"]
+    samples = neutra.transform_sample(latent.unsqueeze(-2))  # batch left of the one plate dim
+    assert samples["p"].shape == (5, 1, 3) and (samples["sigma"] > 0).all()
+
+
+def test_stale_param_store_is_explained():
+    x, y = data()
+    AutoFlowGuide(model, hidden_features=(8,))(x, y)
+    with pytest.raises(ValueError, match="clear_param_store"):
+        AutoFlowGuide(model)(x, y)
+
+
+def test_load_state_dict_of_another_configuration():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+    with pytest.raises(ValueError, match="another model or flow configuration"):
+        AutoFlowGuide(model, flow="realnvp").load_state_dict(guide.state_dict())
+
+
+def test_load_state_dict_of_another_model():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+
+    def other():
+        pyro.sample("z", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+    fresh = AutoFlowGuide(other)
+    fresh.load_state_dict(guide.state_dict())
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="loaded for 8 latent dimensions, but the model has 4"):
+        fresh()
+
+
+def test_user_flows():
+    import zuko
+
+    from pyro_flows.flows import identity_init_
+
+    x, y = data()
+    for flow in (
+        lambda d: zuko.flows.NICE(d, transforms=2),
+        lambda d: identity_init_(zuko.flows.MAF(d).transform),
+        lambda d: pyro.distributions.transforms.affine_autoregressive(d),
+    ):
+        pyro.clear_param_store()
+        guide = AutoFlowGuide(model, flow=flow)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        assert torch.isfinite(torch.tensor([svi.step(x, y) for _ in range(3)])).all()
+        assert guide.flow_params.numel() > 0
+
+
+def test_flow_config():
+    guide = AutoFlowGuide(model, flow="nsf", bins=4)
+    assert guide.flow_config == {"flow": "nsf", "bins": 4, "init_scale": 0.1, "stl": False}

@@ -1,0 +1,76 @@
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+
+from pyro_flows import FLOWS, AutoFlowGuide
+from pyro_flows.distributions import FlowPosterior
+from pyro_flows.flows import realnvp
+from pyro_flows.stl import detached_log_prob, implicit_inverse
+
+Y = torch.tensor([1.0, -2.0, 0.5])
+
+
+def model():
+    # z ~ N(0, 2^2 I), y | z ~ N(z, I): the posterior is N(0.8 y, 0.8 I).
+    z = pyro.sample("z", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+    pyro.sample("y", dist.Normal(z, 1.0).to_event(1), obs=Y)
+
+
+def exact_guide(flow, stl):
+    guide = AutoFlowGuide(model, flow=flow, stl=stl, init_scale=0.8**0.5)
+    guide()
+    with torch.no_grad():
+        guide.loc.copy_(0.8 * Y.to(guide.loc.dtype))
+    return guide
+
+
+@pytest.mark.parametrize("loss", [Trace_ELBO, JitTrace_ELBO], ids=["Trace", "JitTrace"])
+@pytest.mark.parametrize("flow", FLOWS)
+def test_gradient_vanishes_at_the_exact_posterior(flow, loss):
+    torch.set_default_dtype(torch.float64)
+    grads = {}
+    for stl in (False, True):
+        pyro.clear_param_store()
+        guide = exact_guide(flow, stl)
+        params = [guide.loc_unconstrained, guide.scale_unconstrained]
+        params.append(guide.flow_params_unconstrained)
+        elbo = loss(num_particles=4, vectorize_particles=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            value = elbo.differentiable_loss(model, guide)
+        # -ELBO = -log p(y) exactly for every draw when q is the posterior.
+        log_evidence = dist.Normal(0.0, 5.0**0.5).log_prob(Y).sum()
+        torch.testing.assert_close(value, -log_evidence.to(value.dtype))
+        grads[stl] = max(g.abs().max() for g in torch.autograd.grad(value, params))
+    assert grads[False] > 1e-2  # the score term: noise of order one
+    assert grads[True] < 1e-10  # the path term alone vanishes
+
+
+def test_detached_log_prob_equals_log_prob_with_the_path_gradient():
+    torch.set_default_dtype(torch.float64)
+    transform = realnvp(3)
+    with torch.no_grad():
+        for p in transform.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    f = transform()
+    loc, scale = torch.randn(3), torch.rand(3) + 0.5
+    q = FlowPosterior(f, loc, scale)
+    eps = torch.randn(5, 3)
+    z = (loc + scale * f(eps)).requires_grad_()
+    expected = q.log_prob(z)  # through the exact inverse
+    (grad_expected,) = torch.autograd.grad(expected.sum(), z)
+    for inverse in ("exact", "implicit"):
+        if inverse == "implicit":
+            y = (z - loc) / scale
+            eps_ = implicit_inverse(f, y, eps)
+            _, ladj = f.call_and_ladj(eps_)
+            value = dist.Normal(0.0, 1.0).log_prob(eps_).sum(-1) - ladj - scale.log().sum()
+        else:
+            value = detached_log_prob(f, loc, scale, z, eps)
+        (grad,) = torch.autograd.grad(value.sum(), z)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(grad, grad_expected)
