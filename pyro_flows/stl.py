@@ -67,7 +67,7 @@ def implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
 
     The value is ``eps``; the gradient with respect to :math:`y` is
     :math:`J_f(\epsilon)^{-\top}` times the incoming gradient, with the Jacobian computed by
-    ``torch.func``.
+    one batched backward pass. The transform must act on each vector independently.
 
     Arguments:
         transform: The bijection :math:`f` of vectors (parameters detached).
@@ -86,11 +86,19 @@ def implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
         tensor([0.5000, 0.5000, 0.5000])
     """
 
+    return _ImplicitInverse.apply(y, eps, _jacobian(transform, eps))
+
+
+def _jacobian(transform: Transform, eps: Tensor) -> Tensor:
+    # One batched pass: copy i of every draw carries the gradient of output i, which gives
+    # row i of each draw's Jacobian (draws and copies do not interact).
     features = eps.shape[-1]
     flat = eps.detach().reshape(-1, features)
-    jacobian = torch.func.vmap(torch.func.jacrev(transform))(flat)
-    jacobian = jacobian.reshape(*eps.shape, features)
-    return _ImplicitInverse.apply(y, eps, jacobian)
+    copies = flat.expand(features, *flat.shape).clone().requires_grad_()
+    with torch.enable_grad():
+        outputs = transform(copies).diagonal(dim1=0, dim2=2)
+        (rows,) = torch.autograd.grad(outputs.sum(), copies)
+    return rows.transpose(0, 1).reshape(*eps.shape, features)
 
 
 def detached_log_prob(
@@ -121,7 +129,7 @@ def detached_log_prob(
 
     y = (z - loc) / scale
     if _inverse_is_cheap(transform) or torch.jit.is_tracing():
-        # (torch.func does not run under the JIT tracer; the traced inverse is compiled.)
+        # (The JIT tracer cannot record the inner backward pass; it compiles the inverse.)
         eps = transform.inv(y)
     else:
         eps = implicit_inverse(transform, y, eps)
