@@ -37,7 +37,7 @@ class Diagnosis:
         samples: The guide's draws of every latent site, constrained, shape
             :py:`(S, *site_shape)`.
         khat: The Pareto k-hat of the weights (ArviZ's PSIS); :py:`-inf` when all log weights
-            lie within 0.01 nats of each other (bounded weights).
+            lie within 0.01 nats of each other, or the largest ones tie (bounded weights).
         khat_threshold: :math:`\min(1 - 1 / \log_{10} S, 0.7)` (Vehtari et al., 2024).
         ess: The importance-sampling effective sample size of the PSIS weights.
         elbo: The ELBO estimate, the mean of the log weights.
@@ -255,6 +255,18 @@ def _constant(draws: Tensor) -> bool:
     return bool((draws == draws[:1]).all())
 
 
+def _tied_tail(finite: np.ndarray, n: int) -> bool:
+    r"""Whether the largest weights (the tail PSIS fits) take at most 4 distinct values.
+
+    Rounding makes the weights of an (almost) exact guide take few distinct values; when the
+    largest ones tie, PSIS has no tail to fit and ArviZ reports infinity. Tied largest
+    weights are the opposite of a heavy tail: the weights are bounded.
+    """
+
+    tail = int(math.ceil(min(n / 5, 3 * math.sqrt(n))))
+    return len(finite) > tail and len(np.unique(np.sort(finite)[-tail:])) <= 4
+
+
 def _psis(lw: np.ndarray) -> dict[str, Any]:
     import arviz
 
@@ -273,7 +285,7 @@ def _psis(lw: np.ndarray) -> dict[str, Any]:
     else:
         with np.errstate(over="ignore"):  # ArviZ's GPD fit overflows harmlessly
             smoothed, khat = arviz.psislw(lw, reff=1.0)
-        khat = float(khat)
+        khat = float(khat) if not _tied_tail(finite, n) else -math.inf
     ess = float(1.0 / np.sum(np.exp(2 * smoothed)))
     return stats | {"khat": khat, "ess": ess, "psis_log_weights": smoothed}
 
@@ -325,5 +337,5 @@ def _verdict(
             f"k-hat = {khat:.2f} is fine but the effective sample size is only {ess:.0f}: "
             "estimates from these draws are noisy; draw more (num_samples)." + note
         )
-    shown = "-inf (the weights are constant)" if khat == -math.inf else f"{khat:.2f}"
+    shown = "-inf (the largest weights are equal)" if khat == -math.inf else f"{khat:.2f}"
     return TRUST, f"k-hat = {shown} <= 0.5: the guide is close to the posterior." + note

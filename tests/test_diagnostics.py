@@ -148,6 +148,20 @@ def test_khat_threshold():
     assert d.khat_threshold == pytest.approx(0.5)
 
 
+def test_tied_largest_weights_are_bounded():
+    # an exact guide whose weights rounding made take three values, the largest shared by
+    # more draws than PSIS fits: ArviZ finds no tail (k = inf); the weights are bounded
+    log_weights = torch.zeros(4000)
+    log_weights[:1000] = -0.05
+    log_weights[:200] = -0.1
+    d = Diagnosis.from_log_weights(log_weights, {})
+    assert d.khat == -math.inf and d.verdict == "trust"
+    # but a few finite weights among zero ones is no tail to trust
+    log_weights = torch.full((4000,), -math.inf)
+    log_weights[:10] = torch.arange(10.0)
+    assert Diagnosis.from_log_weights(log_weights, {}).verdict == "do not trust"
+
+
 def test_few_effective_draws():
     log_weights = torch.zeros(1000)
     log_weights[:10] = 6.0  # 10 draws hold nearly all the weight, but the tail is bounded
