@@ -458,10 +458,10 @@ def _check_subsampled_latents(trace: pyro.poutine.Trace) -> None:
                 raise ValueError(
                     f"Latent site '{name}' is inside plate '{frame.name}', which is subsampled "
                     f"({frame.size} of {frame.full_size}). A single flow over all latents "
-                    "would share its parameters across mini-batches. Use an AutoGuideList: "
-                    f"AutoFlowGuide(poutine.block(model, hide=['{name}'])) for the global "
-                    f"latents and a local guide such as AutoNormal(poutine.block(model, "
-                    f"expose=['{name}'])) with create_plates for '{frame.name}'."
+                    "would share its parameters across mini-batches. Split the guide: "
+                    "guide = AutoGuideList(model, create_plates=...); "
+                    f"guide.append(AutoFlowGuide(poutine.block(model, hide=['{name}']))); "
+                    f"guide.append(AutoNormal(poutine.block(model, expose=['{name}'])))."
                 )
 
 

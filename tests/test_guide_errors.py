@@ -23,7 +23,10 @@ def test_subsampled_local_latents_are_refused():
             z = pyro.sample("z", dist.Normal(mu, 1.0))
             pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
 
-    with pytest.raises(ValueError, match=r"'z' is inside plate 'data'.*10 of 100.*AutoGuideList"):
+    with pytest.raises(
+        ValueError,
+        match=r"'z' is inside plate 'data'.*10 of 100.*AutoGuideList\(model, create_plates",
+    ):
         AutoFlowGuide(model)(torch.zeros(100))
 
 
@@ -116,3 +119,29 @@ def test_bad_quantiles():
     guide = AutoFlowGuide(model)
     with pytest.raises(ValueError, match="probabilities in"):
         guide.quantiles([0.5, 1.5])
+
+
+def test_the_suggested_split_for_subsampled_local_latents_works():
+    from pyro import poutine
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 100, subsample_size=10) as idx:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    guide = AutoGuideList(
+        model, create_plates=lambda y: pyro.plate("data", 100, subsample_size=10)
+    )
+    guide.append(AutoFlowGuide(poutine.block(model, hide=["z"])))
+    guide.append(AutoNormal(poutine.block(model, expose=["z"])))
+    y = torch.randn(100) + 2.0
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(y)
+    # y_i | mu ~ N(mu, 2): mu | y ~ N(sum(y) / 102, 1 / 51), a posterior sd of 0.14.
+    expected = y.sum().item() / 102
+    assert abs(guide[0].median(y)["mu"].item() - expected) < 0.35
+    assert guide[1].median(y)["z"].shape == (100,)
