@@ -18,7 +18,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_flows import AutoFlowGuide, Diagnosis, FitResult, diagnose, fit, log_importance_weights
-from pyro_flows.diagnostics import khat_threshold
+from pyro_flows.weights import khat_threshold
 from pyro_flows.plots import plot_elbo, plot_khat
 
 X = torch.tensor([1.3, 0.4, 2.1, 1.7, 0.9, 1.1, 0.2, 1.8])
@@ -335,7 +335,7 @@ def test_plots():
     plt.close("all")
 
 
-@pytest.mark.parametrize("module", ["diagnostics", "importance", "plots"])
+@pytest.mark.parametrize("module", ["diagnostics", "importance", "plots", "weights"])
 def test_docstring_examples(module):
     module = importlib.import_module(f"pyro_flows.{module}")
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
