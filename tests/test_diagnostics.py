@@ -18,8 +18,8 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_flows import AutoFlowGuide, Diagnosis, FitResult, diagnose, fit, log_importance_weights
-from pyro_flows.weights import khat_threshold
 from pyro_flows.plots import plot_elbo, plot_khat
+from pyro_flows.weights import khat_threshold
 
 X = torch.tensor([1.3, 0.4, 2.1, 1.7, 0.9, 1.1, 0.2, 1.8])
 N = len(X)
