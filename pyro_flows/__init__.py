@@ -2,6 +2,7 @@ r"""Normalizing-flow autoguides for Pyro, with ArviZ export and posterior diagno
 
 __version__ = "0.1.0"
 
+from ._zuko import zuko  # noqa: F401  (first: keeps the user's distribution validation)
 from .arviz import to_inference_data
 from .diagnostics import Diagnosis, diagnose
 from .fit import FitResult, fit

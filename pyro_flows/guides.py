@@ -22,7 +22,7 @@ from zuko.lazy import Flow, LazyTransform
 from zuko.transforms import ComposedTransform
 
 from .distributions import FlowPosterior
-from .flows import FLOWS
+from .flows import FLOWS, fan_in_multipliers
 from .initialization import init_to_median_or_feasible
 from .packing import ParameterPacking
 from .stl import detached_log_prob
@@ -212,7 +212,8 @@ class AutoFlowGuide(AutoContinuous):
     def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
         flow = _as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
         flow = flow.to(device=loc.device, dtype=loc.dtype)
-        self._packing, values = ParameterPacking.pack(flow)
+        multipliers = fan_in_multipliers(flow) if self.flow_name is not None else {}
+        self._packing, values = ParameterPacking.pack(flow, multipliers)
         self.flow = flow
         self.flow_params = PyroParam(values)
         self.loc = PyroParam(loc)

@@ -3,6 +3,10 @@ r"""One flat parameter tensor behind all the layers of a flow.
 Pyro's optimizers run one torch optimizer per parameter tensor and every tensor is a
 ``pyro.param`` statement at each step; a flow of a few layers has about twenty. Packing
 them into one tensor, of which each layer sees a view, makes those costs one.
+
+A parameter can also be given a constant multiplier: the layer then sees ``c * view``, and an
+optimizer whose step size does not depend on the gradient's magnitude (Adam) moves it ``c``
+times slower.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class _Slot:
     name: str
     start: int
     shape: Size
+    multiplier: float = 1.0
 
     @property
     def stop(self) -> int:
@@ -55,24 +60,29 @@ class ParameterPacking:
         self.numel = sum(self.sizes)
 
     @classmethod
-    def pack(cls, module: nn.Module) -> tuple[ParameterPacking, Tensor]:
+    def pack(
+        cls, module: nn.Module, multipliers: dict[Tensor, float] | None = None
+    ) -> tuple[ParameterPacking, Tensor]:
         r"""Moves the parameters of ``module`` out of it.
 
         Arguments:
             module: The module whose parameters are moved (modified in place).
+            multipliers: A constant multiplier for some of the parameters (by identity).
 
         Returns:
-            The packing and the flat tensor of the parameters' current values, to which the
-            module is bound.
+            The packing and the flat tensor of the parameters' current values (divided by
+            their multipliers), to which the module is bound.
         """
 
+        multipliers = {id(p): c for p, c in (multipliers or {}).items()}
         slots, values, start = [], [], 0
         for owner in module.modules():
             for name, param in list(owner._parameters.items()):
                 if param is None:
                     continue
-                slots.append(_Slot(owner, name, start, param.shape))
-                values.append(param.detach().reshape(-1))
+                multiplier = multipliers.get(id(param), 1.0)
+                slots.append(_Slot(owner, name, start, param.shape, multiplier))
+                values.append(param.detach().reshape(-1) / multiplier)
                 start += param.numel()
                 del owner._parameters[name]
         packing = cls(tuple(slots))
@@ -91,7 +101,10 @@ class ParameterPacking:
             raise ValueError(f"Expected {self.numel} packed parameters, got shape {flat.shape}.")
         chunks = flat.split(self.sizes)
         for slot, chunk in zip(self.slots, chunks, strict=True):
-            slot.module.__dict__[slot.name] = chunk.view(slot.shape)
+            view = chunk.view(slot.shape)
+            slot.module.__dict__[slot.name] = (
+                view if slot.multiplier == 1 else slot.multiplier * view
+            )
 
     def unbind(self) -> None:
         r"""Drops the views (before pickling or copying; :meth:`bind` restores them)."""

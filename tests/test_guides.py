@@ -253,3 +253,36 @@ def test_user_flows():
 def test_flow_config():
     guide = AutoFlowGuide(model, flow="nsf", bins=4)
     assert guide.flow_config == {"flow": "nsf", "bins": 4, "init_scale": 0.1, "stl": False}
+
+
+def test_importing_keeps_distribution_validation():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; import pyro_flows; "
+        "assert torch.distributions.Distribution._validate_args is True"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sharp_posterior_does_not_overflow():
+    # A coefficient whose posterior sd is 1e-3 next to predictors of scale 200: before the
+    # fan-in multipliers, the affine flows overflowed within 40 Adam steps here.
+    generator = torch.Generator().manual_seed(0)
+    x = 200 * torch.randn(100, 5, generator=generator)
+    y = x @ torch.tensor([0.5, -1.0, 0.2, 0.0, 1.5]) + torch.randn(100, generator=generator)
+
+    def regression(x, y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(5), 10.0).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal((x * beta).sum(-1), sigma), obs=y)
+
+    for flow in ("iaf", "realnvp"):
+        pyro.clear_param_store()
+        guide = AutoFlowGuide(regression, flow=flow)
+        elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+        svi = SVI(regression, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+        losses = torch.tensor([svi.step(x, y) for _ in range(150)])
+        assert torch.isfinite(losses).all(), flow
