@@ -170,6 +170,7 @@ class AutoFlowGuide(AutoContinuous):
         except (ValueError, RuntimeError, NotImplementedError) as error:
             _raise_helpful_setup_error(self.prototype_trace, error)
         _check_subsampled_latents(self.prototype_trace)
+        self._arg_shapes = _shapes(args, kwargs)
 
         values = {
             name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
@@ -340,6 +341,8 @@ class AutoFlowGuide(AutoContinuous):
 
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        elif _shapes(args, kwargs) != self._arg_shapes:
+            self._check_latent_shapes(*args, **kwargs)
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {}
@@ -351,6 +354,24 @@ class AutoFlowGuide(AutoContinuous):
                     stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, delta)
         return result
+
+    def _check_latent_shapes(self, *args: object, **kwargs: object) -> None:
+        # Data of another shape: fine unless the latent sites change shape with it.
+        model = poutine.block(self.model, self._prototype_hide_fn)
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            new = trace.nodes[name]["value"].shape if name in trace.nodes else None
+            if new != site["value"].shape:
+                plates = [f"'{f.name}' ({f.size})" for f in site["cond_indep_stack"]]
+                raise ValueError(
+                    f"This guide was built for latent site '{name}' of shape "
+                    f"{tuple(site['value'].shape)} (plates: {', '.join(plates) or 'none'}), "
+                    f"but with these arguments the model gives it shape "
+                    f"{None if new is None else tuple(new)}. A guide's latent sizes are fixed "
+                    "when it is first called: build a new guide for data of another size, or "
+                    "subsample with pyro.plate(..., subsample_size=...) and a local guide."
+                )
+        self._arg_shapes = _shapes(args, kwargs)
 
     # Summaries ------------------------------------------------------------------------------
 
@@ -417,6 +438,13 @@ class AutoFlowGuide(AutoContinuous):
         """
 
         return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _shapes(args: tuple, kwargs: dict) -> tuple:
+    def shape(value: object) -> object:
+        return tuple(value.shape) if isinstance(value, Tensor) else None
+
+    return tuple(map(shape, args)), tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
 
 
 def _columnwise_quantile(draws: Tensor, probs: Tensor) -> Tensor:

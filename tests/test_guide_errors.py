@@ -145,3 +145,29 @@ def test_the_suggested_split_for_subsampled_local_latents_works():
     expected = y.sum().item() / 102
     assert abs(guide[0].median(y)["mu"].item() - expected) < 0.35
     assert guide[1].median(y)["z"].shape == (100,)
+
+
+def test_data_of_another_shape():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    guide = AutoFlowGuide(model)
+    guide(torch.zeros(5))
+    with pytest.raises(
+        ValueError, match=r"'z' of shape \(5,\) \(plates: 'data' \(5\)\).*shape \(3,\)"
+    ):
+        guide(torch.zeros(3))
+
+
+def test_data_of_another_shape_with_global_latents_only_is_fine():
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            return pyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+
+    guide = AutoFlowGuide(model)
+    guide(torch.zeros(5), torch.zeros(5))
+    assert guide(torch.zeros(3))["w"].shape == ()  # e.g. Predictive on new inputs
