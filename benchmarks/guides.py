@@ -48,13 +48,15 @@ def auto_spline(model: Callable) -> AutoNormalizingFlow:
     return AutoNormalizingFlow(_with_init(model), transform)
 
 
-def flow_guide(flow: str) -> Callable[[Callable], AutoFlowGuide]:
+def flow_guide(flow: str, stl: bool = False) -> Callable[[Callable], AutoFlowGuide]:
     r"""Returns a constructor of `pyro_flows.AutoFlowGuide` with a named flow family."""
 
     def build(model: Callable) -> AutoFlowGuide:
-        return AutoFlowGuide(model, flow=flow)
+        return AutoFlowGuide(model, flow=flow, stl=stl)
 
-    build.__doc__ = f"pyro-flows' AutoFlowGuide, flow={flow!r}, other options at defaults."
+    build.__doc__ = (
+        f"pyro-flows' AutoFlowGuide, flow={flow!r}, stl={stl}, other options at defaults."
+    )
     return build
 
 
@@ -69,4 +71,7 @@ GUIDES: dict[str, Callable[[Callable], object]] = {
     "AutoFlowGuide(nsf)": flow_guide("nsf"),
     "AutoFlowGuide(nsf_coupling)": flow_guide("nsf_coupling"),
     "AutoFlowGuide(realnvp)": flow_guide("realnvp"),
+    # The recommended recipe: the "sticking the landing" gradient (docs/guide.md).
+    "AutoFlowGuide(iaf)+stl": flow_guide("iaf", stl=True),
+    "AutoFlowGuide(nsf)+stl": flow_guide("nsf", stl=True),
 }

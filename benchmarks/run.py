@@ -109,30 +109,16 @@ def _complete(results: list[dict]) -> None:
         r.setdefault("dim", 0)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    r"""Runs the benchmark and writes its outputs; returns the results (one dict per fit)."""
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    recipe = Recipe(steps=args.steps, lr=args.lr, particles=args.particles, draws=args.draws)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    warm_up(args.guides)
-    results, descriptions = [], {}
-    for name in args.targets:
-        target = load_target(name)
-        if target is None:
-            continue
-        print(f"{name}: {target.description}", flush=True)
-        descriptions[name] = target.description
-        found, columns, traces = run_target(target, args.guides, recipe, args.seeds)
-        results += found
-        if not args.no_plots:
-            reference = scalar_columns(target.reference(None, seed=10_000))
-            report.plot_marginals(name, reference, columns, args.out / f"marginals-{name}.png")
-            report.plot_elbo_traces(name, traces, args.out / f"elbo-{name}.png")
+def write(
+    results: list[dict],
+    descriptions: dict,
+    args: argparse.Namespace,
+    recipe: Recipe,
+    seconds: float,
+) -> None:
+    r"""Writes `results.json` and `results.md` for the targets done so far."""
     _complete(results)
     report.add_step_ratios(results)
-    seconds = time.perf_counter() - started
     settings = {
         "mode": "quick" if args.quick else "full",
         "recipe": asdict(recipe),
@@ -153,6 +139,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{pyro.__version__}."
     )
     (args.out / "results.md").write_text(report.markdown(results, descriptions, header))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    r"""Runs the benchmark and writes its outputs; returns the results (one dict per fit)."""
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    recipe = Recipe(steps=args.steps, lr=args.lr, particles=args.particles, draws=args.draws)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    warm_up(args.guides)
+    results, descriptions, seconds = [], {}, 0.0
+    for name in args.targets:
+        target = load_target(name)
+        if target is None:
+            continue
+        print(f"{name}: {target.description}", flush=True)
+        descriptions[name] = target.description
+        found, columns, traces = run_target(target, args.guides, recipe, args.seeds)
+        results += found
+        if not args.no_plots:
+            reference = scalar_columns(target.reference(None, seed=10_000))
+            report.plot_marginals(name, reference, columns, args.out / f"marginals-{name}.png")
+            report.plot_elbo_traces(name, traces, args.out / f"elbo-{name}.png")
+        # Written after every target, so that a long run interrupted keeps what it measured.
+        seconds = time.perf_counter() - started
+        write(results, descriptions, args, recipe, seconds)
     print(f"wrote {args.out} in {seconds:.0f} s")
     return results
 
