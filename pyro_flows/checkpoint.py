@@ -9,7 +9,10 @@ __all__ = [
 ]
 
 import os
+import pickletools
 import random
+import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -198,19 +201,116 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
 
     try:
+        _check_crc(path)
         state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise
     except Exception as error:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a checkpoint that loads with weights_only=True "
-            f"({error}); delete it or pass another path"
-        ) from error
+        raise ValueError(_unreadable(os.fspath(path), error)) from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(
             f"{os.fspath(path)!r} was not written by pyro_flows.fit (format {FORMAT!r})"
         )
     return state
+
+
+def _check_crc(path: str | os.PathLike) -> None:
+    # torch.load does not check the CRC-32 of each record of its zip file: changed bytes in a
+    # tensor would load as wrong numbers.
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"record {bad!r} fails its CRC-32 check")
+
+
+def _pickled_globals(path: str) -> list[str]:
+    r"""Names the code (module globals) that a pickle asks for, reading it without running it."""
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = Path(path).read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found, strings = [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a cut or garbled pickle: keep what was read
+        pass
+    return [name for name in found if name.split(".")[0] not in ("torch", "collections")]
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    text = str(error)
+    what = "delete it, pass another path, or pass resume=False to overwrite it"
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    code = [code.group(1)] if code is not None else _pickled_globals(path)
+    if code:
+        return (
+            f"{path!r} asks to unpickle code ({', '.join(code)}), which torch.load with "
+            "weights_only=True refuses: a checkpoint of pyro_flows.fit holds only tensors and "
+            "numbers, so this file was written by something else or altered. Do not load it "
+            f"with weights_only=False unless you trust its source; {what}"
+        )
+    reason = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+    return (
+        f"{path!r} is truncated or corrupted: torch.load cannot read it "
+        f"({type(error).__name__}: {reason or 'the file ends early'}). Checkpoints are written "
+        f"to a temporary file and renamed, so a crash while writing does not do this; {what}"
+    )
+
+
+def guide_signature(guide: object) -> dict[str, Any]:
+    r"""Returns what a checkpoint must match beyond parameter shapes.
+
+    The latent sites of a Pyro autoguide (names and shapes, from its prototype trace), and
+    the flow configuration of a guide with a ``flow_config`` (family and options; not
+    ``init_scale`` or ``stl``, which a resumed fit may change).
+    """
+
+    signature: dict[str, Any] = {}
+    trace = getattr(guide, "prototype_trace", None)
+    if trace is not None:
+        signature["latents"] = {
+            name: list(site["value"].shape) for name, site in trace.iter_stochastic_nodes()
+        }
+    config = getattr(guide, "flow_config", None)
+    if isinstance(config, Mapping):
+        signature["config"] = {
+            key: value if _is_safe(value) else repr(value)
+            for key, value in config.items()
+            if key not in ("init_scale", "stl")
+        }
+    return signature
+
+
+def _is_safe(obj: Any) -> bool:
+    try:
+        check_safe(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def signature_problems(current: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    r"""Describes how two :func:`guide_signature` results differ (checkpoints before it: none)."""
+
+    return [
+        f"written for {what} {dict(saved[key])}, but this model and guide have "
+        f"{dict(current[key])}"
+        for key, what in (("latents", "latent sites"), ("config", "flow configuration"))
+        if key in current and key in saved and current[key] != saved[key]
+    ]
 
 
 def optim_state(optim: PyroOptim) -> dict[str, Any]:
@@ -220,20 +320,29 @@ def optim_state(optim: PyroOptim) -> dict[str, Any]:
 
 
 def check_match(
-    current: Mapping[str, Tensor], saved: Mapping[str, Tensor], what: str, path: str | None
+    current: Mapping[str, Tensor],
+    saved: Mapping[str, Tensor],
+    what: str,
+    path: str | None,
+    problems: Iterable[str] = (),
 ) -> None:
-    r"""Raises a :py:`ValueError` unless `saved` has the names and shapes of `current`."""
+    r"""Raises a :py:`ValueError` unless `saved` has the names and shapes of `current`.
+
+    Other `problems` found (see :func:`signature_problems`) are reported first.
+    """
 
     missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    problems = [f"not in the checkpoint: {missing}"] if missing else []
-    problems += [f"not created by the model and guide: {extra}"] if extra else []
+    problems = list(problems)
+    problems += [f"{what} not in the checkpoint: {missing}"] if missing else []
+    problems += [f"{what} not created by the model and guide: {extra}"] if extra else []
     for name in sorted(set(current) & set(saved)):
         if current[name].shape != saved[name].shape:
             shapes = f"{tuple(saved[name].shape)} saved, {tuple(current[name].shape)} now"
-            problems.append(f"{name!r} has shape {shapes}")
+            problems.append(f"{what} {name!r} has shape {shapes}")
     if problems:
         raise ValueError(
-            f"the checkpoint {path!r} does not match this model and guide ({what} "
+            f"the checkpoint {path!r} does not match this model and guide ("
             + "; ".join(problems)
-            + "): pass the same model, guide and arguments, or another checkpoint path"
+            + "): pass the same model, guide and arguments, or another checkpoint path "
+            "(resume=False overwrites it)"
         )

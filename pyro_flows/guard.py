@@ -14,6 +14,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
+from ._checks import DataError
+
 
 class NonFiniteLossError(FloatingPointError):
     r"""Raised by :func:`pyro_flows.fit` when the loss stays non-finite after repeated retries.
@@ -41,7 +43,9 @@ class NonFiniteLossError(FloatingPointError):
 def is_invalid_value_error(error: BaseException) -> bool:
     r"""Whether `error` is torch's complaint that a distribution got non-finite arguments."""
 
-    return isinstance(error, ValueError) and "invalid values" in str(error)
+    # DataError: bad data, which retrying cannot fix.
+    invalid = isinstance(error, ValueError) and "invalid values" in str(error)
+    return invalid and not isinstance(error, DataError)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -83,7 +87,11 @@ def _sites(trace: Trace, role: str) -> list[tuple[str, str]]:
             continue
         value = site["value"]
         if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
-            found.append((name, f"{role} {site['type']} site {name!r} has a non-finite value"))
+            if site["type"] == "sample" and site["is_observed"]:
+                problem = f"{role} site {name!r} is observed and its data hold NaN or inf values"
+            else:
+                problem = f"{role} {site['type']} site {name!r} has a non-finite value"
+            found.append((name, problem))
             continue
         if site["type"] != "sample":
             continue

@@ -21,8 +21,10 @@ from torch.distributions import AffineTransform, Transform, biject_to
 from zuko.lazy import Flow, LazyTransform
 from zuko.transforms import ComposedTransform
 
+from ._checks import MASK_ADVICE, DataError, check_data, nonfinite_arguments
 from .distributions import FlowPosterior
 from .flows import FLOWS, fan_in_multipliers
+from .guard import is_invalid_value_error
 from .initialization import init_to_median_or_feasible
 from .packing import ParameterPacking
 from .stl import detached_log_prob
@@ -165,17 +167,19 @@ class AutoFlowGuide(AutoContinuous):
     # Set-up -----------------------------------------------------------------------------
 
     def _setup_prototype(self, *args: object, **kwargs: object) -> None:
+        model = self._user_model[0]
         try:
             super()._setup_prototype(*args, **kwargs)
         except (ValueError, RuntimeError, NotImplementedError) as error:
-            _raise_helpful_setup_error(self.prototype_trace, error)
+            _raise_helpful_setup_error(self.prototype_trace, error, model, args, kwargs)
         _check_subsampled_latents(self.prototype_trace)
         self._arg_shapes = _shapes(args, kwargs)
 
         values = {
             name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
         }
-        trace = trace_with_leaf_latents(self._user_model[0], values, *args, **kwargs)
+        trace = trace_with_leaf_latents(model, values, *args, **kwargs)
+        check_data(trace, model, args, kwargs)
         self._dependent_sites = frozenset(dependent_support_sites(trace, values))
         self._max_plate_nesting = max(
             (
@@ -441,8 +445,18 @@ class AutoFlowGuide(AutoContinuous):
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:
+    # What can set a latent site's size: tensor shapes, and ints, bools and strings by value
+    # (floats are left out, so that e.g. an annealing factor does not re-trace the model).
     def shape(value: object) -> object:
-        return tuple(value.shape) if isinstance(value, Tensor) else None
+        if isinstance(value, Tensor) or hasattr(value, "__array__"):
+            return tuple(getattr(value, "shape", ()))
+        if isinstance(value, int | str) or value is None:
+            return value
+        if isinstance(value, list | tuple):
+            return tuple(map(shape, value))
+        if isinstance(value, Mapping):
+            return tuple((k, shape(v)) for k, v in value.items())
+        return type(value).__name__
 
     return tuple(map(shape, args)), tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
 
@@ -465,11 +479,18 @@ def _check_flow(flow: object, options: dict[str, object]) -> None:
             )
         factory = FLOWS[flow]
         parameters = inspect.signature(factory).parameters
-        unknown = sorted(set(options) - (set(parameters) - {"features"}))
+        valid = sorted(set(parameters) - {"features"})
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            valid = sorted(set(parameters) - {"features"})
             raise TypeError(f"Unknown option(s) {unknown} for flow {flow!r}; valid: {valid}.")
-        factory(2, **options)  # validates values before any model is traced
+        try:
+            factory(2, **options)  # validates values before any model is traced
+        except TypeError as error:
+            raise TypeError(
+                f"Flow {flow!r} cannot be built with options {options} ({error}). Use zuko's "
+                "types, e.g. hidden_features=(64, 64), transforms=3, bins=8, "
+                "activation=torch.nn.ELU."
+            ) from error
     elif callable(flow):
         if options:
             raise TypeError(
@@ -494,8 +515,20 @@ def _check_subsampled_latents(trace: pyro.poutine.Trace) -> None:
                 )
 
 
-def _raise_helpful_setup_error(trace: pyro.poutine.Trace | None, error: Exception) -> None:
+def _raise_helpful_setup_error(
+    trace: pyro.poutine.Trace | None,
+    error: Exception,
+    model: Callable[..., object],
+    args: tuple,
+    kwargs: dict,
+) -> None:
     if trace is None:
+        suspects = nonfinite_arguments(model, args, kwargs)
+        if is_invalid_value_error(error) and suspects:
+            raise DataError(
+                f"{error}\nThe model's {', '.join(suspects)}: NaN or infinite inputs make "
+                f"distribution arguments invalid. {MASK_ADVICE}"
+            ) from error
         raise error
     latent = list(trace.iter_stochastic_nodes())
     for name, site in latent:
@@ -511,6 +544,12 @@ def _raise_helpful_setup_error(trace: pyro.poutine.Trace | None, error: Exceptio
         raise ValueError(
             "The model has no latent sample sites (every pyro.sample is observed), so there "
             "is nothing for a guide to fit. Use an empty guide, e.g. `def guide(*args): pass`."
+        ) from error
+    if all(site["value"].numel() == 0 for _, site in latent):
+        shapes = {name: tuple(site["value"].shape) for name, site in latent}
+        raise ValueError(
+            f"The model's latent sites have no elements (shapes {shapes}), so there is nothing "
+            "for a guide to fit: check the sizes of the plates and data that set these shapes."
         ) from error
     for name, site in latent:
         try:

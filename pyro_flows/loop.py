@@ -16,6 +16,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from . import checkpoint as ckpt
+from ._checks import MASK_ADVICE, nonfinite_arguments
 from .guard import (
     NonFiniteLossError,
     all_finite,
@@ -164,6 +165,9 @@ class Run:
             text += "Tracing the model and guide found: " + "; ".join(problems) + ". "
         if self.bad_grads:
             text += f"Non-finite gradients of: {', '.join(self.bad_grads)}. "
+        suspects = nonfinite_arguments(poutine.unwrap(self.model), self.args, self.kwargs)
+        if suspects or any("is observed" in problem for problem in problems):
+            text += f"The model's {', '.join(suspects) or 'data hold NaN or inf'}. {MASK_ADVICE} "
         text += (
             f"The parameters are those after step {self.step}, the last good state. Check the "
             "distribution arguments and support of the named site, or lower the learning rate."
@@ -187,6 +191,7 @@ class Run:
             "params": {name: p.detach() for name, p in self.params.items()},
             "optim": ckpt.optim_state(self.optim),
             "buffers": ckpt.module_buffers(self.model, self.guide),
+            "guide": ckpt.guide_signature(self.guide),
             "rng": ckpt.get_rng_state(),
             "snapshot": self.snapshot,
             "guard": {
@@ -210,7 +215,9 @@ class Run:
                     raise
         sites = capture.trace.nodes.values()
         self.params = ckpt.param_names(site["value"].unconstrained() for site in sites)
-        ckpt.check_match(self.params, state["params"], "parameters", self.path)
+        signature = ckpt.guide_signature(self.guide)
+        problems = ckpt.signature_problems(signature, state.get("guide", {}))
+        ckpt.check_match(self.params, state["params"], "parameters", self.path, problems)
         buffers = ckpt.module_buffers(self.model, self.guide)
         ckpt.check_match(buffers, state["buffers"], "buffers", self.path)
         with torch.no_grad():
