@@ -6,10 +6,12 @@ the guide: ``AutoNormal(model)`` becomes ``AutoFlowGuide(model)``. Run::
     python examples/eight_schools.py --num-steps 2000
 
 When ``../shared/refdata`` (posteriordb reference draws) is present, a column with the
-reference NUTS posterior is added.
+reference NUTS posterior is added. Saves the marginals of ``mu``, ``tau`` and two schools'
+``theta`` and the ELBO traces to ``--output`` (default ``figures/``).
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,10 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_flows import AutoFlowGuide
+from pyro_flows import AutoFlowGuide, FitResult
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import plot_marginals, save  # noqa: E402
 
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
@@ -41,9 +46,8 @@ def fit(guide, num_steps, lr, num_particles):
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
     start = time.perf_counter()
-    for _ in range(num_steps):
-        loss = svi.step(SIGMA, Y)
-    return loss, time.perf_counter() - start
+    losses = [svi.step(SIGMA, Y) for _ in range(num_steps)]
+    return losses, time.perf_counter() - start
 
 
 def summarize(draws):
@@ -66,10 +70,12 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--flow", default="iaf")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="figures", help="folder for the figures")
+    parser.add_argument("--no-figures", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
 
-    summaries, notes = {}, {}
+    summaries, notes, samples, traces = {}, {}, {}, {}
     for name, make_guide in {
         "AutoNormal": lambda: AutoNormal(model),
         "AutoFlowGuide": lambda: AutoFlowGuide(model, flow=args.flow),
@@ -77,17 +83,17 @@ def main(argv=None):
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         guide = make_guide()
-        loss, seconds = fit(guide, args.num_steps, args.lr, args.num_particles)
+        losses, seconds = fit(guide, args.num_steps, args.lr, args.num_particles)
         predictive = Predictive(model, guide=guide, num_samples=args.num_samples)
         with torch.no_grad():
             draws = {k: v.squeeze(-2) for k, v in predictive(SIGMA).items() if k != "y"}
         summaries[name] = summarize(draws)
-        notes[name] = f"final loss {loss:.2f}, {seconds:.1f} s"
+        notes[name] = f"final loss {losses[-1]:.2f}, {seconds:.1f} s"
+        samples[name], traces[name] = draws, FitResult(losses=losses)
     if REFERENCE.exists():
         reference = np.load(REFERENCE)
-        summaries["NUTS (posteriordb)"] = summarize(
-            {k: reference[k] for k in ("mu", "tau", "theta")}
-        )
+        samples["NUTS (posteriordb)"] = {k: reference[k] for k in ("mu", "tau", "theta")}
+        summaries["NUTS (posteriordb)"] = summarize(samples["NUTS (posteriordb)"])
 
     print(f"Eight schools, {args.num_steps} steps, {args.num_particles} particles, lr {args.lr}")
     for name, note in notes.items():
@@ -101,7 +107,22 @@ def main(argv=None):
             for summary in summaries.values()
         )
         print(f"{row:10s}{cells}")
+    if not args.no_figures:
+        names = ["mu", "tau", "theta[0]", "theta[2]"]
+        save(plot_marginals(samples, names, "Eight schools"), args, "eight_schools_marginals")
+        save(plot_traces(traces), args, "eight_schools_elbo")
     return {name: {k: list(map(float, v)) for k, v in s.items()} for name, s in summaries.items()}
+
+
+def plot_traces(traces):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 3), sharey=True)
+    for ax, (name, result) in zip(axes, traces.items(), strict=True):
+        result.plot(ax=ax)
+        ax.set_title(f"{name}: ELBO {result.elbo():.2f}")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

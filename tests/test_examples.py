@@ -3,15 +3,76 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+TINY = ["--num-steps", "3", "--num-samples", "100"]
 
-def test_eight_schools(capsys):
+
+@pytest.fixture
+def figures(tmp_path):
+    """Runs an example with ``--output`` in a temporary folder; returns the PNGs it wrote."""
+    folder = tmp_path / "figures"
+
+    def run(main, *extra):
+        summary = main([*TINY, "--output", str(folder), *extra])
+        return summary, sorted(p.name for p in folder.glob("*.png"))
+
+    return run
+
+
+def test_eight_schools(capsys, figures):
     import eight_schools
 
-    summary = eight_schools.main(
-        ["--num-steps", "5", "--num-samples", "50", "--num-particles", "2"]
-    )
+    summary, pngs = figures(eight_schools.main, "--num-particles", "2")
     out = capsys.readouterr().out
     assert "AutoFlowGuide" in out and "theta[7]" in out
     assert set(summary["AutoFlowGuide"]) == {"mu", "tau", *(f"theta[{j}]" for j in range(8))}
+    assert pngs == ["eight_schools_elbo.png", "eight_schools_marginals.png"]
+
+
+def test_funnel(capsys, figures):
+    import funnel
+
+    summary, pngs = figures(funnel.main, "--num-particles", "2")
+    assert set(summary) == {"AutoNormal", "AutoFlowGuide"}
+    assert "sd(y)" in capsys.readouterr().out
+    assert pngs == ["funnel_fit.png", "funnel_marginals.png", "funnel_scatter.png"]
+
+
+# Three draws from an unfitted guide give ArviZ's PSIS-LOO little to fit: it warns.
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto:UserWarning")
+def test_regression(capsys, figures):
+    import regression
+
+    summary, pngs = figures(regression.main, "--num-particles", "2")
+    out = capsys.readouterr().out
+    assert "elpd_loo" in out and "NUTS (posteriordb)" in out
+    assert summary["NUTS (posteriordb)"]["sd"][2] == pytest.approx(0.148, abs=0.01)
+    assert pngs == ["regression_fit.png", "regression_marginals.png", "regression_pair.png"]
+
+
+def test_hierarchical(capsys, figures):
+    import hierarchical
+
+    summary, pngs = figures(hierarchical.main, "--num-particles", "2", "--num-nuts", "4")
+    assert set(summary) == {"AutoNormal", "AutoFlowGuide", "NUTS (non-centred)"}
+    assert "tau_a" in capsys.readouterr().out
+    assert pngs == ["hierarchical_fit.png", "hierarchical_marginals.png"]
+
+
+def test_neutra(capsys, figures):
+    import neutra
+
+    summary, pngs = figures(neutra.main, "--num-mcmc", "4")
+    assert set(summary) == {"NUTS", "NeuTra NUTS"}
+    assert "ESS(y)/s" in capsys.readouterr().out
+    assert pngs == ["neutra.png"]
+
+
+def test_no_figures(tmp_path):
+    import funnel
+
+    funnel.main([*TINY, "--no-figures", "--output", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
