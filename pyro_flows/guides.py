@@ -17,7 +17,7 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.nn import PyroParam
 from torch import Tensor
-from torch.distributions import AffineTransform, Transform, biject_to
+from torch.distributions import AffineTransform, Transform
 from zuko.lazy import Flow, LazyTransform
 from zuko.transforms import ComposedTransform
 
@@ -28,7 +28,12 @@ from .guard import is_invalid_value_error
 from .initialization import init_to_median_or_feasible
 from .packing import ParameterPacking
 from .stl import detached_log_prob
-from .supports import ConstrainMessenger, dependent_support_sites, trace_with_leaf_latents
+from .supports import (
+    ConstrainMessenger,
+    dependent_support_sites,
+    site_bijection,
+    trace_with_leaf_latents,
+)
 
 
 class _FixedTransform(LazyTransform):
@@ -169,7 +174,9 @@ class AutoFlowGuide(AutoContinuous):
     def _setup_prototype(self, *args: object, **kwargs: object) -> None:
         model = self._user_model[0]
         try:
-            super()._setup_prototype(*args, **kwargs)
+            # AutoContinuous's own set-up maps supports with torch's biject_to only.
+            super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
+            self._setup_latent_shapes()
         except (ValueError, RuntimeError, NotImplementedError) as error:
             _raise_helpful_setup_error(self.prototype_trace, error, model, args, kwargs)
         _check_subsampled_latents(self.prototype_trace)
@@ -192,7 +199,7 @@ class AutoFlowGuide(AutoContinuous):
             default=0,
         )
         self._site_transforms = {
-            name: biject_to(site["fn"].support)
+            name: site_bijection(site["fn"].support)
             for name, site in self.prototype_trace.iter_stochastic_nodes()
         }
         if "loc" in self._pyro_params:  # parameters loaded from a state dict
@@ -213,6 +220,23 @@ class AutoFlowGuide(AutoContinuous):
                     "value strictly inside the support."
                 )
         self._build_parameters(init_loc, torch.full_like(init_loc, self.init_scale))
+
+    def _setup_latent_shapes(self) -> None:
+        self._unconstrained_shapes, self._cond_indep_stacks = {}, {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            unconstrained = site_bijection(site["fn"].support).inv(site["value"])
+            self._unconstrained_shapes[name] = unconstrained.shape
+            self._cond_indep_stacks[name] = site["cond_indep_stack"]
+        self.latent_dim = sum(shape.numel() for shape in self._unconstrained_shapes.values())
+        if self.latent_dim == 0:
+            raise RuntimeError("no latent elements")  # explained by _raise_helpful_setup_error
+
+    def _init_loc(self) -> Tensor:
+        parts = [
+            site_bijection(site["fn"].support).inv(site["value"].detach()).reshape(-1)
+            for _, site in self.prototype_trace.iter_stochastic_nodes()
+        ]
+        return torch.cat(parts)
 
     def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
         flow = _as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
@@ -553,11 +577,12 @@ def _raise_helpful_setup_error(
         ) from error
     for name, site in latent:
         try:
-            biject_to(site["fn"].support)
+            site_bijection(site["fn"].support)
         except NotImplementedError:
             raise NotImplementedError(
-                f"Latent site '{name}' has support {site['fn'].support}, which torch's "
-                "biject_to cannot map from the real line. Reparametrize the site (e.g. sample "
+                f"Latent site '{name}' has support {site['fn'].support}, which neither torch's "
+                "biject_to nor pyro_flows.supports.site_bijection maps from the real line. "
+                "Reparametrize the site (e.g. sample "
                 "an unconstrained value and transform it) or register a bijection with "
                 "torch.distributions.biject_to.register."
             ) from error
