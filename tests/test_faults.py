@@ -1,0 +1,120 @@
+"""Faults lose nothing: a fit killed by a signal resumes from its checkpoint to the parameters
+of an uninterrupted fit with the same seed, bit for bit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyro_flows import AutoFlowGuide, fit
+from pyro_flows.checkpoint import load_checkpoint
+
+NUM_STEPS = 150
+SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+
+
+def eight_schools(sigma, y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", len(sigma)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def run_fit(path, every, callback=None):
+    """The fit that every process runs: a fresh guide, seed 0, AutoFlowGuide with STL."""
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(eight_schools, hidden_features=(16,), stl=True)
+    loss = Trace_ELBO(num_particles=2, vectorize_particles=True)
+    optim = pyro.optim.Adam({"lr": 0.01})
+    return fit(
+        eight_schools,
+        guide,
+        SIGMA,
+        Y,
+        num_steps=NUM_STEPS,
+        optim=optim,
+        loss=loss,
+        checkpoint=path,
+        checkpoint_every=every,
+        callback=callback,
+    )
+
+
+def child(path, every):
+    """The process to be killed: reports each step, slowed down after step 30 so that the
+    signal lands mid-run."""
+
+    torch.set_num_threads(1)
+
+    def callback(step, loss):
+        print(step, flush=True)
+        if step >= 30:
+            time.sleep(0.01)
+
+    result = run_fit(path, every, callback)
+    print("stopped", result.stop_reason, result.num_steps, flush=True)
+
+
+def params():
+    store = pyro.get_param_store()
+    return {name: p.detach().clone() for name, p in store.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_fit(None, 1000)
+    return params()
+
+
+def start_and_signal(path, every, signum):
+    here = Path(__file__).parent
+    code = f"import test_faults; test_faults.child({str(path)!r}, {every})"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    command = [sys.executable, "-c", code]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+        lines = []
+        for line in process.stdout:
+            lines.append(line.strip())
+            if line.strip().isdigit() and int(line) >= 40:
+                process.send_signal(signum)
+                break
+        lines += [line.strip() for line in process.stdout]
+        return process.wait(timeout=60), lines
+
+
+@pytest.mark.parametrize(
+    "signum, every",
+    # Checkpoints at every step: the kill is likely to land while one is being written.
+    [(signal.SIGKILL, 1), (signal.SIGINT, 25)],
+    ids=["SIGKILL", "SIGINT"],
+)
+def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, signum, every):
+    path = tmp_path / "fit.pt"
+    returncode, lines = start_and_signal(path, every, signum)
+    step = load_checkpoint(path)["step"]
+    if signum == signal.SIGKILL:
+        assert returncode == -signal.SIGKILL and not lines[-1].startswith("stopped")
+        assert 0 < step < NUM_STEPS and step % every == 0
+    else:
+        # The first Ctrl-C finishes the step, writes the checkpoint and returns.
+        assert returncode == 0, lines
+        assert lines[-1] == f"stopped interrupted {step}" and 40 <= step < NUM_STEPS
+
+    result = run_fit(path, every)  # another process would do the same: a fresh guide
+    assert result.num_steps == NUM_STEPS and result.stop_reason == "completed"
+    resumed = params()
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
