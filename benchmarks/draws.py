@@ -1,12 +1,17 @@
-"""Runs a target's model on batches of draws: every site's value and each draw's log density."""
+"""Runs a target's model on batches of draws: every site's value and each draw's log density.
+
+The model is replayed on the draws under a plate over draws, by `pyro_flows`' own engine
+(`pyro_flows._draws`, as `to_inference_data` and `diagnose` do).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
+
+from pyro_flows import _draws
 
 from .targets.base import Target, init_to_uniform_unconstrained
 
@@ -16,29 +21,6 @@ def is_reported(site: dict) -> bool:
     if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
         return False
     return not site["is_observed"] or bool(site["infer"].get("_deterministic"))
-
-
-def per_draw(log_prob: torch.Tensor, num_draws: int, max_plate_nesting: int) -> torch.Tensor:
-    r"""Sums a site's log density over its plate dimensions, one value per draw.
-
-    Arguments:
-        log_prob: A log density with the draws at dimension `-(max_plate_nesting + 1)`.
-        num_draws: The number of draws.
-        max_plate_nesting: The model's number of plate dimensions.
-    """
-    if max_plate_nesting:
-        log_prob = log_prob.sum(dim=tuple(range(-max_plate_nesting, 0)))
-    return log_prob.expand(num_draws)
-
-
-def trace_log_density(trace: poutine.Trace, num_draws: int, max_plate_nesting: int):
-    r"""Returns each draw's log density summed over the sample sites of a vectorized trace."""
-    trace.compute_log_prob()
-    total = torch.zeros(num_draws)
-    for site in trace.nodes.values():
-        if "log_prob" in site and not site["infer"].get("_deterministic"):
-            total = total + per_draw(site["log_prob"], num_draws, max_plate_nesting)
-    return total
 
 
 def latent_names(target: Target) -> list[str]:
@@ -57,11 +39,16 @@ def latent_names(target: Target) -> list[str]:
     ]
 
 
-def _first_draw_trace(target: Target, draws: dict[str, np.ndarray]) -> poutine.Trace:
-    """Traces the model, not vectorized, at the first draw."""
-    first = {k: torch.as_tensor(v[0], dtype=torch.get_default_dtype()) for k, v in draws.items()}
-    with torch.no_grad():
-        return poutine.trace(poutine.condition(target.model, first)).get_trace(*target.args)
+def _tensors(draws: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in draws.items()}
+
+
+def _structure(target: Target, draws: dict[str, torch.Tensor]) -> _draws.Structure:
+    """The model's sites at the first draw."""
+    first = {name: value[0] for name, value in draws.items()}
+    return _draws.inspect_values(
+        target.model, first, target.args, {}, max_plate_nesting=target.max_plate_nesting
+    )
 
 
 def batch_draws(target: Target, draws: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -70,23 +57,16 @@ def batch_draws(target: Target, draws: dict[str, np.ndarray]) -> dict[str, torch
     Sites outside some of the model's plates get singleton dimensions, as under
     `pyro.plate(..., S, dim=-(max_plate_nesting + 1))`.
     """
-    num = len(next(iter(draws.values())))
-    dtype = torch.get_default_dtype()
-    proto = _first_draw_trace(target, draws)
-    batched = {}
-    for name, value in draws.items():
-        site = proto.nodes[name]
-        pad = (1,) * (target.max_plate_nesting - len(site["fn"].batch_shape))
-        shape = (num,) + pad + tuple(site["value"].shape)
-        batched[name] = torch.as_tensor(value, dtype=dtype).reshape(shape)
-    return batched
+    tensors = _tensors(draws)
+    return _draws.batch(tensors, _structure(target, tensors))
 
 
 def trace_on_draws(target: Target, batched: dict[str, torch.Tensor]) -> poutine.Trace:
     r"""Traces the model vectorized over batched draws (see `batch_draws`) of its latents."""
     num = len(next(iter(batched.values())))
-    with pyro.plate("_draws", num, dim=-target.max_plate_nesting - 1):
-        return poutine.trace(poutine.condition(target.model, batched)).get_trace(*target.args)
+    return _draws.replay_values(
+        target.model, batched, num, target.max_plate_nesting, target.args, {}
+    )
 
 
 def log_density(target: Target, batched: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,8 +77,7 @@ def log_density(target: Target, batched: dict[str, torch.Tensor]) -> torch.Tenso
         batched: Values of every latent site, shaped by `batch_draws`.
     """
     num = len(next(iter(batched.values())))
-    trace = trace_on_draws(target, batched)
-    return trace_log_density(trace, num, target.max_plate_nesting)
+    return _draws.log_joint(trace_on_draws(target, batched), num, target.max_plate_nesting)
 
 
 def run_on_draws(
@@ -123,17 +102,14 @@ def run_on_draws(
         >>> log_p.shape
         (4,)
     """
-    num = len(next(iter(draws.values())))
+    tensors = _tensors(draws)
+    num, structure = len(next(iter(tensors.values()))), _structure(target, tensors)
     with torch.no_grad():
-        trace = trace_on_draws(target, batch_draws(target, draws))
-        log_p = trace_log_density(trace, num, target.max_plate_nesting)
-    proto = _first_draw_trace(target, draws)
-    sites = {
-        name: site["value"].reshape((num,) + proto.nodes[name]["value"].shape).numpy()
-        for name, site in trace.nodes.items()
-        if is_reported(site) or name in draws
-    }
-    return sites, log_p.numpy()
+        trace = trace_on_draws(target, _draws.batch(tensors, structure))
+        log_p = _draws.log_joint(trace, num, target.max_plate_nesting)
+    names = structure.names("latent", "deterministic")
+    sites = _draws.site_values(trace, names, structure, num)
+    return {name: value.numpy() for name, value in sites.items()}, log_p.numpy()
 
 
 def scalar_columns(draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,304 +1,294 @@
-r"""Replays a Pyro model on draws of its guide, vectorized over draws.
+r"""Draws from a guide, replays the model on the draws, and sums log-densities per draw.
 
-The guide runs once inside an extra :class:`pyro.plate` placed to the left of every
-plate of the model (as :class:`pyro.infer.Trace_ELBO` does with ``vectorize_particles``),
-and the model is replayed on that trace under the same plate. Every site then carries the
-draws as its leading batch dimension, so one model run scores a whole chunk of draws.
+The one engine behind :func:`pyro_flows.to_inference_data`, :func:`pyro_flows.diagnose`
+(through :func:`pyro_flows.log_importance_weights`) and the benchmarks: :func:`inspect`
+finds the model's sites, :func:`chunks` draws a chunk at a time, vectorized over draws (see
+:mod:`pyro_flows._replay`).
+
+The first chunk is checked against single-draw runs of its first and last draws. A model or
+guide that fails to run vectorized, or runs but mixes draws, is handled as ``vectorize``
+says: :py:`None` warns and runs one draw at a time, :py:`True` raises, :py:`False` runs one
+draw at a time without trying.
 """
 
 __all__ = [
+    "HINT",
     "Draws",
     "Site",
     "Structure",
-    "check_first_draw",
-    "draw",
-    "draw_prior",
+    "batch",
+    "check_int",
+    "chunks",
     "inspect",
+    "inspect_values",
+    "log_joint",
+    "replay_values",
+    "site_values",
     "user_model",
 ]
 
-import math
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import partial
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import Distribution
-from pyro.distributions.util import scale_and_mask
-from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.distributions import Delta
 from pyro.poutine import Trace
-from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.util import prune_subsample_sites
-from torch import Size, Tensor
+from pyro.poutine.messenger import Messenger
+from torch import Tensor
 
-DRAWS = "_pyro_flows_draws"
+from ._replay import (
+    ResampleObserved,
+    draws_plate,
+    log_joint,
+    log_probs,
+    nonfinite,
+    replay_values,
+    samples,
+    to_draws,
+    total,
+    trace,
+    traces,
+)
+from ._sites import (
+    Site,
+    Structure,
+    batch,
+    check_int,
+    inspect,
+    inspect_values,
+    log_likelihood,
+    site_values,
+    user_model,
+)
+
+# What a model that does not broadcast over a leading dimension raises when run vectorized.
+VECTORIZE_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError)
 
 HINT = (
     "Declare every batch dimension of the model with pyro.plate and index tensors from the "
-    "right (x[..., i]) so that the model broadcasts over a leading draws dimension, or pass "
-    "vectorize=False (one model run per draw, slow)."
+    "right (x[..., i]) so that the model broadcasts over a leading draws dimension."
 )
 
 
 @dataclass(frozen=True)
-class Site:
-    r"""What one sample site of the model looks like for a single draw.
+class Draws:
+    r"""Per-draw results of one chunk; every tensor has the draws as leading dimension.
 
     Arguments:
-        kind: ``"latent"``, ``"deterministic"`` or ``"observed"``.
-        shape: The shape of the site's value.
-        event_dim: The number of rightmost event dimensions of the value.
-        plates: The enclosing vectorized plates, as ``(name, dim, size)``.
-        fn: The site's distribution.
-        value: The site's value (the data, for observed sites).
+        posterior: Latent (constrained) and deterministic sites.
+        log_likelihood: Pointwise log-densities of observed sites: unscaled, masked points 0.
+        posterior_predictive: Observed sites drawn anew given each draw, if asked for.
+        prior: Latent and deterministic sites drawn from the model alone, if asked for.
+        prior_predictive: Observed sites drawn from the model alone, if asked for.
+        site_log_prob: Every model site's log-density (scaled, masked), summed per draw.
+        log_q: The guide's log-density of each draw, auxiliary sites included.
+        lp: The model's log-joint of each draw.
+        nonfinite: Per site, the number of NaN or :math:`+\infty` log-density values.
+        vectorized: Whether the chunk was drawn in one vectorized run.
     """
-
-    kind: str
-    shape: Size
-    event_dim: int
-    plates: tuple[tuple[str, int, int], ...]
-    fn: Distribution
-    value: Tensor
-
-
-@dataclass(frozen=True)
-class Structure:
-    r"""The sites of a model replayed on one guide draw, and its plate nesting."""
-
-    sites: dict[str, Site]
-    max_plate_nesting: int
-
-    def names(self, *kinds: str) -> list[str]:
-        r"""Returns the names of the sites of the given kinds, in model order."""
-        return [name for name, site in self.sites.items() if site.kind in kinds]
-
-
-@dataclass(frozen=True)
-class Draws:
-    r"""Per-draw results of one chunk; every tensor has the draws as leading dimension."""
 
     posterior: dict[str, Tensor]
     log_likelihood: dict[str, Tensor]
     posterior_predictive: dict[str, Tensor]
+    prior: dict[str, Tensor]
+    prior_predictive: dict[str, Tensor]
     site_log_prob: dict[str, Tensor]
     log_q: Tensor
     lp: Tensor
+    nonfinite: dict[str, int]
+    vectorized: bool
+
+    @property
+    def log_weight(self) -> Tensor:
+        r"""The log importance weights :math:`\log p(x, z) - \log q(z)`."""
+        return self.lp - self.log_q
 
 
-class ResampleObserved(UnconditionMessenger):
-    r"""Samples observed sites afresh, leaving ``pyro.deterministic`` sites as they are.
+class SetValues(Messenger):
+    r"""Gives the named latent sample sites the given values instead of sampling them."""
 
-    (``pyro.deterministic`` sites are observed ``Delta`` sites; resampled, a plate would
-    broadcast their value into its event shape.)
-    """
+    def __init__(self, values: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
 
     def _pyro_sample(self, msg: Any) -> None:
-        if not (msg["infer"] or {}).get("_deterministic"):
-            super()._pyro_sample(msg)
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"], msg["done"] = self.values[msg["name"]], True
 
 
-def user_model(guide: Any) -> Callable:
-    r"""Returns the user's model of an autoguide, without the ``InitMessenger`` around it.
-
-    Pyro's autoguides store ``InitMessenger(init_loc_fn)(model)`` as ``guide.model``; run
-    unconditioned, that wrapper puts initial values where prior draws belong.
-    """
-    model = guide.model
-    while True:
-        inner = model.func if isinstance(model, partial) and not model.args else model
-        if not (isinstance(inner, partial) and len(inner.args) >= 2):
-            return model
-        if not isinstance(inner.args[0], InitMessenger):
-            return model
-        model = inner.args[1]
-
-
-def inspect(guide: Callable, model: Callable, args: tuple, kwargs: dict) -> Structure:
-    r"""Replays the model on one guide draw, without consuming the global random stream."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        guide_trace = _trace(guide, args, kwargs)
-        model_trace = _trace(poutine.replay(model, trace=guide_trace), args, kwargs)
-    frames = [
-        frame
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    for frame in frames:
-        if frame.full_size is not None and frame.size != frame.full_size:
-            raise ValueError(
-                f"Plate '{frame.name}' subsamples {frame.size} of {frame.full_size} points: "
-                "call with the model arguments that make it use the full data."
-            )
-    sites = {
-        name: _site(site) for name, site in model_trace.nodes.items() if site["type"] == "sample"
-    }
-    return Structure(sites, max((-frame.dim for frame in frames), default=0))
-
-
-def draw(
+def chunks(
+    model: Callable,
     guide: Callable,
-    model: Callable,
     structure: Structure,
-    num_draws: int,
+    num_samples: int,
     args: tuple,
     kwargs: dict,
     *,
-    vectorize: bool = True,
-    predictive: bool = True,
-) -> Draws:
-    r"""Draws from the guide and replays the model on the draws (vectorized, or one draw)."""
-    batch_ndim = structure.max_plate_nesting + 1 if vectorize else None
-    guide = _vectorized(guide, num_draws, batch_ndim)
-    model = _vectorized(model, num_draws, batch_ndim)
-    with torch.no_grad():
-        guide_trace = _trace(guide, args, kwargs)
-        model_trace = _trace(poutine.replay(model, trace=guide_trace), args, kwargs)
-        if predictive:
-            replayed = ResampleObserved()(poutine.replay(model, trace=guide_trace))
-            pp_trace = _trace(replayed, args, kwargs)
-    site_log_prob = _site_log_probs(model_trace, num_draws, batch_ndim)
-    log_q = _site_log_probs(guide_trace, num_draws, batch_ndim).values()
-    sites, observed = structure.sites, structure.names("observed")
-    posterior = structure.names("latent", "deterministic")
-    return Draws(
-        posterior=_values(model_trace, posterior, sites, num_draws),
-        log_likelihood=_log_likelihood(model_trace, observed, sites, num_draws),
-        posterior_predictive=_values(pp_trace, observed, sites, num_draws) if predictive else {},
-        site_log_prob=site_log_prob,
-        log_q=sum(log_q),
-        lp=sum(site_log_prob.values()),
-    )
+    chunk_size: int | None = None,
+    vectorize: bool | None = None,
+    predictive: bool = False,
+    prior: bool = False,
+) -> Iterator[Draws]:
+    r"""Draws ``num_samples`` times from the guide, a chunk at a time, and replays the model.
 
+    Arguments:
+        model: The model.
+        guide: The guide (any guide function, autoguide or ``GuideMessenger``).
+        structure: The model's structure, from :func:`inspect`.
+        num_samples: The number of draws.
+        args: Positional arguments of the model and guide.
+        kwargs: Keyword arguments of the model and guide.
+        chunk_size: Draws per vectorized run (see :meth:`Structure.chunk_size`).
+        vectorize: :py:`None` tries a vectorized run and, if the model or guide does not
+            broadcast over draws, warns and runs one draw at a time; :py:`True` raises a
+            :py:`ValueError` instead; :py:`False` runs one draw at a time without trying.
+        predictive: Whether to draw observed sites anew given each draw.
+        prior: Whether to draw every site from the model alone too.
 
-def draw_prior(
-    model: Callable,
-    structure: Structure,
-    num_draws: int,
-    args: tuple,
-    kwargs: dict,
-    *,
-    vectorize: bool = True,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    r"""Draws latent and deterministic sites, then observed sites, from the prior."""
-    batch_ndim = structure.max_plate_nesting + 1 if vectorize else None
-    model = _vectorized(ResampleObserved()(model), num_draws, batch_ndim)
-    with torch.no_grad():
-        trace = _trace(model, args, kwargs)
-    return (
-        _values(trace, structure.names("latent", "deterministic"), structure.sites, num_draws),
-        _values(trace, structure.names("observed"), structure.sites, num_draws),
-    )
-
-
-def check_first_draw(
-    model: Callable, structure: Structure, draws: Draws, args: tuple, kwargs: dict
-) -> None:
-    r"""Checks the vectorized run against a plain run of the model on the first draw.
-
-    A model that runs vectorized but mixes draws (a sum over all dimensions, say) would
-    otherwise give wrong numbers silently.
+    Yields:
+        The results of each chunk, in order.
     """
-    data = {name: draws.posterior[name][0] for name in structure.names("latent")}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = _trace(poutine.condition(model, data=data), args, kwargs)
-    trace.compute_log_prob()
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name not in structure.sites:
-            continue
-        pairs = [(draws.site_log_prob[name][0], site["log_prob"].sum())]
-        if name in draws.posterior:
-            pairs.append((draws.posterior[name][0], site["value"]))
-        for vectorized, single in pairs:
-            if not torch.allclose(vectorized, single.to(vectorized), rtol=1e-4, atol=1e-4):
-                raise ValueError(
-                    f"Site '{name}' differs between the run vectorized over draws and a "
-                    f"single-draw run: the model does not broadcast over draws. {HINT}"
-                )
+    if vectorize not in (None, True, False):
+        raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}.")
+    run = Run(model, guide, structure, args, kwargs, predictive, prior)
+    size = structure.chunk_size(num_samples, chunk_size)
+    first = run.first(size) if vectorize is not False else None
+    if isinstance(first, Draws):
+        yield first
+        del first  # the caller holds what it needs of it: keep one chunk in memory, not two
+        for start in range(size, num_samples, size):
+            yield run.chunk(min(size, num_samples - start), structure.max_plate_nesting + 1)[0]
+        return
+    if first is not None:
+        _not_vectorized(first, vectorize)
+    for _ in range(num_samples):
+        yield run.chunk(1, None)[0]
 
 
-def _trace(fn: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Trace:
-    return prune_subsample_sites(poutine.trace(fn).get_trace(*args, **kwargs))
-
-
-def _vectorized(fn: Callable, num_draws: int, batch_ndim: int | None) -> Callable:
-    if batch_ndim is None:
-        return fn
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with ExitStack() as stack:
-            stack.enter_context(pyro.plate(DRAWS, num_draws, dim=-batch_ndim))
-            return fn(*args, **kwargs)
-
-    return run
-
-
-def _site(site: dict) -> Site:
-    infer = site["infer"] or {}
-    if infer.get("_deterministic"):
-        kind = "deterministic"
-    else:
-        kind = "observed" if site["is_observed"] else "latent"
-    value = site["value"]
-    event_dim = site["fn"].event_dim
-    if kind == "deterministic" and event_dim == value.dim():
-        event_dim = 0  # pyro.deterministic's default: no event dims were declared
-    plates = tuple(
-        (frame.name, frame.dim, frame.size)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
+def _not_vectorized(problem: str, vectorize: bool | None) -> None:
+    if vectorize:
+        raise ValueError(f"{problem} {HINT} Or pass vectorize=False (one run per draw, slow).")
+    warnings.warn(
+        f"{problem} {HINT} Running the model one draw at a time instead (slow): pass "
+        "vectorize=False to skip the attempt, vectorize=True to make this an error.",
+        stacklevel=4,
     )
-    return Site(kind, value.shape, event_dim, plates, site["fn"], value)
 
 
-def _site_log_probs(trace: Trace, num_draws: int, batch_ndim: int | None) -> dict[str, Tensor]:
-    trace.compute_log_prob()
-    return {
-        name: _per_draw(site["log_prob"], num_draws, batch_ndim)
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-    }
+@dataclass(frozen=True)
+class Run:
+    r"""A model and its guide, with their arguments: what every chunk of draws runs."""
+
+    model: Callable
+    guide: Callable
+    structure: Structure
+    args: tuple
+    kwargs: dict
+    predictive: bool = False
+    prior: bool = False
+
+    def chunk(self, n: int, batch_ndim: int | None) -> tuple[Draws, Trace]:
+        r"""Draws ``n`` times from the guide (vectorized, or in one plain run), replays the
+        model; returns the results and the guide's trace."""
+        model, args, kwargs, structure = self.model, self.args, self.kwargs, self.structure
+        latent, observed = structure.names("latent", "deterministic"), structure.names("observed")
+        groups: dict[str, dict[str, Tensor]] = {}
+        with torch.no_grad():
+            with draws_plate(n, batch_ndim):
+                model_trace, guide_trace = traces(model, self.guide, args, kwargs)
+            if self.predictive:
+                replayed = poutine.replay(model, trace=guide_trace)
+                predicted = _resampled(replayed, n, batch_ndim, args, kwargs)
+                groups["posterior_predictive"] = site_values(predicted, observed, structure, n)
+            if self.prior:
+                prior = _resampled(model, n, batch_ndim, args, kwargs)
+                groups["prior"] = site_values(prior, latent, structure, n)
+                groups["prior_predictive"] = site_values(prior, observed, structure, n)
+        model_log_prob = log_probs(model_trace, n, batch_ndim)
+        guide_log_prob = log_probs(guide_trace, n, batch_ndim)
+        draws = Draws(
+            posterior=site_values(model_trace, latent, structure, n),
+            log_likelihood=log_likelihood(model_trace, observed, structure, n),
+            posterior_predictive=groups.get("posterior_predictive", {}),
+            prior=groups.get("prior", {}),
+            prior_predictive=groups.get("prior_predictive", {}),
+            site_log_prob=model_log_prob,
+            log_q=total(guide_log_prob, n),
+            lp=total(model_log_prob, n),
+            nonfinite=nonfinite((model_trace, model_log_prob), (guide_trace, guide_log_prob)),
+            vectorized=batch_ndim is not None,
+        )
+        return draws, guide_trace
+
+    def first(self, size: int) -> Draws | str:
+        r"""Returns the first chunk, vectorized and rechecked, or why it could not be."""
+        try:
+            draws, guide_trace = self.chunk(size, self.structure.max_plate_nesting + 1)
+            for i in sorted({0, size - 1}):
+                problem = self.recheck(draws, guide_trace, i)
+                if problem is not None:
+                    return problem
+        except VECTORIZE_ERRORS as error:
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            return f"The model or guide failed to run vectorized over draws ({reason})."
+        return draws
+
+    def recheck(self, draws: Draws, guide_trace: Trace, i: int) -> str | None:
+        r"""Reruns draw ``i`` of a vectorized chunk alone; returns where the two runs differ.
+
+        The guide's sampled sites get draw ``i``'s values (``Delta`` sites, such as those an
+        autoguide computes from its auxiliary latent, are recomputed), and the model is
+        replayed on them. A model that runs vectorized but mixes draws (a sum over all
+        dimensions, say) would otherwise give wrong numbers silently.
+        """
+        n, shapes = len(draws.lp), self.structure.guide_shapes
+        given = {
+            name: to_draws(site["value"], n, shapes[name])[i]
+            for name, site in samples(guide_trace)
+            if _sampled(site)
+        }
+        alone = replace(self, guide=SetValues(given)(self.guide), predictive=False, prior=False)
+        with torch.random.fork_rng(devices=[]):
+            single, _ = alone.chunk(1, None)
+        if set(single.site_log_prob) != set(draws.site_log_prob):
+            return "The model has other sites in a vectorized run than in a single-draw run."
+        for name, log_prob in single.site_log_prob.items():
+            pairs = [(draws.site_log_prob[name][i], log_prob[0])]
+            if name in single.posterior:
+                pairs.append((draws.posterior[name][i], single.posterior[name][0]))
+            if not all(_close(a, b) for a, b in pairs):
+                return (
+                    f"Site {name!r} differs between the run vectorized over draws and a "
+                    "single-draw run: the model does not broadcast over draws."
+                )
+        if not _close(draws.log_q[i], single.log_q[0]):
+            return (
+                "The guide's log-density differs between the run vectorized over draws and a "
+                "single-draw run: the guide does not broadcast over draws."
+            )
+        return None
 
 
-def _log_likelihood(
-    trace: Trace, names: list[str], sites: Mapping[str, Site], num_draws: int
-) -> dict[str, Tensor]:
-    r"""Pointwise log-densities of observed sites: unscaled, masked points zero."""
-    result = {}
-    for name in names:
-        node = trace.nodes[name]
-        log_lik = scale_and_mask(node["unscaled_log_prob"], mask=node["mask"])
-        shape = sites[name].fn.log_prob(sites[name].value).shape
-        result[name] = _to_draws(log_lik, num_draws, shape)
-    return result
+def _resampled(fn: Callable, n: int, batch_ndim: int | None, args: tuple, kwargs: dict) -> Trace:
+    with draws_plate(n, batch_ndim):
+        return trace(ResampleObserved()(fn), args, kwargs)
 
 
-def _values(
-    trace: Trace, names: list[str], sites: Mapping[str, Site], num_draws: int
-) -> dict[str, Tensor]:
-    return {
-        name: _to_draws(trace.nodes[name]["value"], num_draws, sites[name].shape) for name in names
-    }
+def _sampled(site: dict) -> bool:
+    r"""Whether a guide site is drawn at random (not observed, not a ``Delta``)."""
+    if site["is_observed"]:
+        return False
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return bool((site["infer"] or {}).get("is_auxiliary")) or not isinstance(fn, Delta)
 
 
-def _to_draws(value: Tensor, num_draws: int, shape: Size) -> Tensor:
-    r"""Reshapes a vectorized value to ``(num_draws, *shape)``."""
-    extra = value.dim() - len(shape)
-    if extra > 0:
-        value = value.reshape(math.prod(value.shape[:extra]), *value.shape[extra:])
-    return value.expand(num_draws, *shape)
-
-
-def _per_draw(log_prob: Tensor | float, num_draws: int, batch_ndim: int | None) -> Tensor:
-    r"""Sums a site's log-density over everything but the draws dimension."""
-    log_prob = torch.as_tensor(log_prob)
-    if batch_ndim is None or log_prob.dim() < batch_ndim:
-        return log_prob.sum().expand(num_draws)
-    log_prob = log_prob.movedim(log_prob.dim() - batch_ndim, 0)
-    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num_draws)
+def _close(a: Tensor, b: Tensor) -> bool:
+    b = b.to(a)
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)

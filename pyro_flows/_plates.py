@@ -4,7 +4,7 @@ __all__ = ["plate_dims"]
 
 from collections.abc import Mapping
 
-from ._draws import Site
+from ._sites import Site
 
 RESERVED = frozenset({"chain", "draw"})
 
@@ -27,7 +27,7 @@ def plate_dims(sites: Mapping[str, Site]) -> dict[str, list[str | None]]:
     Example:
         >>> import torch
         >>> import pyro.distributions as dist
-        >>> from pyro_flows._draws import Site
+        >>> from pyro_flows._sites import Site
         >>> plates = (("school", -1, 8),)
         >>> theta = Site("latent", torch.Size([8]), 0, plates, dist.Normal(0, 1), None)
         >>> plate_dims({"theta": theta})

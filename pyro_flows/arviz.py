@@ -4,7 +4,7 @@ __all__ = ["to_inference_data"]
 
 import inspect
 import json
-import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,8 +15,7 @@ from torch import Tensor
 
 from . import _draws
 from ._plates import plate_dims
-
-CHUNK_ELEMENTS = 2**20
+from .diagnostics import NUM_PARTICLES, Diagnosis
 
 
 def to_inference_data(
@@ -31,7 +30,7 @@ def to_inference_data(
     prior: bool = False,
     constant_data: Mapping[str, Any] | None = None,
     chunk_size: int | None = None,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     **kwargs: Any,
 ) -> Any:
     r"""Converts a fitted Pyro guide to ArviZ ``InferenceData``.
@@ -48,10 +47,12 @@ def to_inference_data(
     - ``observed_data``, and ``constant_data`` when given;
     - ``prior`` and ``prior_predictive`` when ``prior=True``;
     - ``sample_stats``: per draw ``log_q`` (guide log-density, auxiliary latents included),
-      ``lp`` (model log-joint) and ``log_weight = lp - log_q``, with attributes ``elbo``
-      (mean of ``log_weight``), ``pareto_k`` (PSIS :math:`\hat{k}` of the weights, by
-      ArviZ's PSIS), ``guide``, ``flow_config`` (JSON, for guides that have one) and the
-      library versions.
+      ``lp`` (model log-joint) and ``log_weight = lp - log_q``. Its attributes are
+      :func:`pyro_flows.diagnose`'s results on these weights
+      (:meth:`pyro_flows.Diagnosis.to_dict`: ``khat``, ``khat_threshold``, ``ess``,
+      ``elbo``, ``iwelbo_<K>``, their errors, ``verdict`` and ``reason``), ``pareto_k``
+      (the same as ``khat``), ``guide``, ``flow_config`` (JSON, for guides that have one)
+      and the library versions.
 
     Dimensions created by a ``pyro.plate`` are named after the plate, with coordinates
     ``0, 1, ...``; ``dims`` and ``coords`` override them per variable and per dimension.
@@ -72,8 +73,11 @@ def to_inference_data(
         chunk_size: The number of draws per model run. If :py:`None`, as many as keep a
             chunk's site values and log-densities near :math:`2^{20}` numbers (about 260
             draws of a model with 1,000 observations).
-        vectorize: Whether to run the model on a chunk of draws at once. Models that do
-            not broadcast over a leading batch dimension need :py:`False` (one run per draw).
+        vectorize: What to do with a model that does not broadcast over a leading batch
+            dimension (found by running it on a chunk of draws and checking two draws
+            against single-draw runs): if :py:`None`, warn and run it once per draw
+            (slow); if :py:`True`, raise a :py:`ValueError`; if :py:`False`, run it once per
+            draw without trying.
         kwargs: Keyword arguments of the model (and guide).
 
     Returns:
@@ -99,69 +103,67 @@ def to_inference_data(
         ('chain', 'draw', 'school')
     """
     model = _check(guide, model, num_samples, chunk_size, coords, dims)
-    structure = _draws.inspect(guide, model, args, kwargs)
+    structure = _draws.inspect(model, guide, args, kwargs)
     if prior:
         _check_samplable(structure)
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    step = _chunk_size(structure, num_samples, chunk_size) if vectorize else 1
-    options = {"vectorize": vectorize, "predictive": posterior_predictive, "prior": prior}
-    for start in range(0, num_samples, step):
-        size = min(step, num_samples - start)
-        chunk = _chunk(guide, model, structure, size, args, kwargs, first=start == 0, **options)
-        for group, values in chunk.items():
-            if group != "log_likelihood" or log_likelihood:
-                _put(groups, group, values, start, num_samples)
+    options = {"chunk_size": chunk_size, "vectorize": vectorize, "prior": prior}
+    options |= {"predictive": posterior_predictive, "log_likelihood": log_likelihood}
+    groups, diagnosis = _draw(model, guide, structure, num_samples, args, kwargs, **options)
     observed = structure.names("observed")
     groups["observed_data"] = {name: _numpy(structure.sites[name].value) for name in observed}
     if constant_data is not None:
         groups["constant_data"] = {name: _numpy(value) for name, value in constant_data.items()}
     groups = {group: data for group, data in groups.items() if data}
-    attrs = _attrs(guide, groups["sample_stats"]["log_weight"][0])
     return _from_dict(
-        groups, coords=coords, dims={**plate_dims(structure.sites), **(dims or {})}, attrs=attrs
+        groups,
+        coords=coords,
+        dims={**plate_dims(structure.sites), **(dims or {})},
+        attrs=_attrs(guide, diagnosis),
     )
 
 
-def _chunk(
-    guide: Callable,
+def _draw(
     model: Callable,
+    guide: Callable,
     structure: _draws.Structure,
-    size: int,
+    num_samples: int,
     args: tuple,
     kwargs: dict,
     *,
-    first: bool,
-    vectorize: bool,
-    predictive: bool,
-    prior: bool,
-) -> dict[str, dict[str, Tensor]]:
+    log_likelihood: bool,
+    **options: Any,
+) -> tuple[dict[str, dict[str, np.ndarray]], Diagnosis]:
+    r"""Returns the groups made of draws, and the diagnosis of their importance weights."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    nonfinite: Counter = Counter()
+    start = 0
+    for chunk in _draws.chunks(model, guide, structure, num_samples, args, kwargs, **options):
+        for group, values in _groups(chunk, log_likelihood).items():
+            _put(groups, group, values, start, num_samples)
+        start += len(chunk.lp)
+        nonfinite.update(chunk.nonfinite)
+    diagnosis = Diagnosis.from_log_weights(  # what diagnose computes, on the same draws
+        torch.from_numpy(groups["sample_stats"]["log_weight"][0]),
+        {name: torch.from_numpy(v[0]) for name, v in groups.get("posterior", {}).items()},
+        num_particles=[k for k in NUM_PARTICLES if k <= num_samples],
+        vectorized=chunk.vectorized,
+        nonfinite=dict(nonfinite),
+    )
+    return groups, diagnosis
+
+
+def _groups(chunk: _draws.Draws, log_likelihood: bool) -> dict[str, dict[str, Tensor]]:
     r"""Returns every group's values for one chunk of draws, keyed by group."""
-    try:
-        draws = _draws.draw(
-            guide, model, structure, size, args, kwargs, vectorize=vectorize, predictive=predictive
-        )
-        if vectorize and first:
-            _draws.check_first_draw(model, structure, draws, args, kwargs)
-    except (RuntimeError, IndexError) as error:
-        if not vectorize:
-            raise
-        reason = str(error).splitlines()[0]
-        raise ValueError(
-            f"The model failed to run vectorized over draws ({reason}). {_draws.HINT}"
-        ) from error
-    stats = {"log_q": draws.log_q, "lp": draws.lp, "log_weight": draws.lp - draws.log_q}
+    stats = {"log_q": chunk.log_q, "lp": chunk.lp, "log_weight": chunk.log_weight}
     groups = {
-        "posterior": draws.posterior,
-        "posterior_predictive": draws.posterior_predictive,
-        "log_likelihood": draws.log_likelihood,
+        "posterior": chunk.posterior,
+        "posterior_predictive": chunk.posterior_predictive,
+        "log_likelihood": chunk.log_likelihood if log_likelihood else {},
         "sample_stats": stats,
+        "prior": chunk.prior,
+        "prior_predictive": chunk.prior_predictive,
     }
-    if prior:
-        latent, observed = _draws.draw_prior(
-            model, structure, size, args, kwargs, vectorize=vectorize
-        )
-        groups.update(prior=latent, prior_predictive=observed)
-    return groups
+    return {group: values for group, values in groups.items() if values}
 
 
 def _check(
@@ -179,11 +181,9 @@ def _check(
             f"The {type(guide).__name__} has not been run yet: fit it with SVI (or call it "
             "once with the model's arguments) before converting it."
         )
-    for name, value, least in (("num_samples", num_samples, 1), ("chunk_size", chunk_size, 1)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-        if value is not None and value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}.")
+    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+        if value is not None:
+            _draws.check_int(name, value, 1)
     for name, value in (("coords", coords), ("dims", dims)):
         if value is not None and not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict, got {type(value).__name__}.")
@@ -212,13 +212,6 @@ def _check_samplable(structure: _draws.Structure) -> None:
             ) from error
 
 
-def _chunk_size(structure: _draws.Structure, num_samples: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        return min(chunk_size, num_samples)
-    per_draw = sum(2 * math.prod(site.shape) for site in structure.sites.values())
-    return max(1, min(num_samples, CHUNK_ELEMENTS // max(1, per_draw)))
-
-
 def _put(
     groups: dict, group: str, values: Mapping[str, Tensor], start: int, num_samples: int
 ) -> None:
@@ -237,12 +230,13 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _attrs(guide: Callable, log_weight: np.ndarray) -> dict[str, Any]:
+def _attrs(guide: Callable, diagnosis: Diagnosis) -> dict[str, Any]:
     from pyro_flows import __version__
 
+    stats = diagnosis.to_dict()
     attrs = {
-        "elbo": float(np.mean(log_weight)),
-        "pareto_k": _pareto_k(log_weight),
+        **stats,
+        "pareto_k": stats["khat"],
         "guide": type(guide).__name__,
         "pyro_flows_version": __version__,
         "inference_library": "pyro",
@@ -251,20 +245,6 @@ def _attrs(guide: Callable, log_weight: np.ndarray) -> dict[str, Any]:
     if hasattr(guide, "flow_config"):
         attrs["flow_config"] = json.dumps(guide.flow_config, default=str, sort_keys=True)
     return attrs
-
-
-def _pareto_k(log_weight: np.ndarray) -> float:
-    r"""Returns the PSIS :math:`\hat{k}` of log importance weights, by ArviZ's PSIS."""
-    import arviz
-
-    log_weight = np.asarray(log_weight, dtype=np.float64)
-    if hasattr(arviz, "psislw"):  # ArviZ 0.x takes log importance ratios
-        _, khat = arviz.psislw(log_weight)
-    else:  # ArviZ 1.x: arviz-stats negates its input (it expects log-likelihoods)
-        from arviz_stats.base import array_stats
-
-        _, khat = array_stats.psislw(-log_weight)
-    return float(khat)
 
 
 def _from_dict(groups: dict[str, dict], *, coords: Any, dims: dict, attrs: dict) -> Any:

@@ -16,6 +16,8 @@ from torch import Tensor
 from .importance import importance
 from .weights import constant, iwelbo, psis, verdict
 
+NUM_PARTICLES = (1, 10, 100)  # the IW-ELBO's numbers of particles K, by default
+
 
 @dataclass(repr=False)
 class Diagnosis:
@@ -67,7 +69,7 @@ class Diagnosis:
         cls,
         log_weights: Tensor,
         samples: dict[str, Tensor],
-        num_particles: Sequence[int] = (1, 10, 100),
+        num_particles: Sequence[int] = NUM_PARTICLES,
         vectorized: bool = True,
         nonfinite: dict[str, int] | None = None,
     ) -> "Diagnosis":
@@ -150,7 +152,7 @@ class Diagnosis:
         lines = [f"Verdict: {self.verdict.upper()}. {self.reason}"]
         lines += [f"  {name:<18} {value:>12}  {note}" for name, value, note in rows]
         if not self.vectorized:
-            lines.append("  (draws computed one at a time: the model did not vectorize)")
+            lines.append("  (draws computed one at a time, not vectorized)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -172,9 +174,10 @@ def diagnose(
     guide: Callable,
     *args: Any,
     num_samples: int = 4000,
-    num_particles: Sequence[int] = (1, 10, 100),
+    num_particles: Sequence[int] = NUM_PARTICLES,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
+    vectorize: bool | None = None,
     **kwargs: Any,
 ) -> Diagnosis:
     r"""Judges whether a fitted guide can be trusted as the posterior of a model.
@@ -204,6 +207,9 @@ def diagnose(
             tracing the model once.
         chunk_size: The number of draws per vectorized pass (see
             :func:`pyro_flows.log_importance_weights`).
+        vectorize: What to do with a model that does not broadcast over draws: if
+            :py:`None`, warn and compute the draws one at a time; if :py:`True`, raise a
+            :py:`ValueError`; if :py:`False`, compute them one at a time without trying.
         kwargs: Keyword arguments of the model and guide.
 
     Returns:
@@ -235,7 +241,8 @@ def diagnose(
                 f"num_particles must hold integers between 1 and num_samples={num_samples}, "
                 f"got {k!r}"
             )
+    options = {"max_plate_nesting": max_plate_nesting, "chunk_size": chunk_size}
     found, vectorized, nonfinite = importance(
-        model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size
+        model, guide, args, kwargs, num_samples, vectorize=vectorize, **options
     )
     return Diagnosis.from_log_weights(*found, num_particles, vectorized, nonfinite)

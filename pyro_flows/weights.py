@@ -2,6 +2,7 @@ r"""The statistics of log importance weights behind a :class:`pyro_flows.Diagnos
 
 __all__ = [
     "khat_threshold",
+    "pareto_smooth",
 ]
 
 import math
@@ -52,10 +53,42 @@ def tied_tail(finite: np.ndarray, n: int) -> bool:
     return len(finite) > tail and len(np.unique(np.sort(finite)[-tail:])) <= 4
 
 
-def psis(lw: np.ndarray) -> dict[str, Any]:
-    r"""Returns the k-hat (threshold), ESS, ELBO (and error) and smoothed log weights."""
+def pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Returns ArviZ's Pareto-smoothed, normalized log weights and their k-hat.
+
+    The draws are independent (``r_eff = 1``). ArviZ 0.x's ``arviz.psislw`` takes log
+    importance ratios; ArviZ 1.x's ``arviz_stats`` version takes log-likelihoods and negates
+    them, so it is given the negated log weights.
+
+    Arguments:
+        log_weights: Finite log weights, shape :py:`(S,)`, float64.
+
+    Example:
+        >>> log_weights = np.random.default_rng(0).normal(size=1000)
+        >>> smoothed, khat = pareto_smooth(log_weights)
+        >>> round(float(np.logaddexp.reduce(smoothed)), 6), khat < 0.5
+        (0.0, True)
+
+    References:
+        | Pareto Smoothed Importance Sampling (Vehtari et al., 2024)
+        | https://arxiv.org/abs/1507.02646
+    """
 
     import arviz
+
+    with np.errstate(over="ignore"):  # ArviZ's GPD fit overflows harmlessly
+        if hasattr(arviz, "psislw"):
+            smoothed, khat = arviz.psislw(log_weights, reff=1.0)
+        else:
+            from arviz_stats.base import array_stats
+
+            smoothed, khat = array_stats.psislw(-log_weights, r_eff=1.0)
+    smoothed = np.asarray(smoothed, dtype=np.float64)
+    return smoothed - np.logaddexp.reduce(smoothed), float(khat)
+
+
+def psis(lw: np.ndarray) -> dict[str, Any]:
+    r"""Returns the k-hat (threshold), ESS, ELBO (and error) and smoothed log weights."""
 
     n = len(lw)
     finite = lw[np.isfinite(lw)]
@@ -70,9 +103,8 @@ def psis(lw: np.ndarray) -> dict[str, Any]:
     if np.ptp(finite) < FLAT:
         smoothed, khat = lw - np.logaddexp.reduce(lw), -math.inf
     else:
-        with np.errstate(over="ignore"):  # ArviZ's GPD fit overflows harmlessly
-            smoothed, khat = arviz.psislw(lw, reff=1.0)
-        khat = float(khat) if not tied_tail(finite, n) else -math.inf
+        smoothed, khat = pareto_smooth(lw)
+        khat = khat if not tied_tail(finite, n) else -math.inf
     ess = float(1.0 / np.sum(np.exp(2 * smoothed)))
     return stats | {"khat": khat, "ess": ess, "psis_log_weights": smoothed}
 

@@ -19,13 +19,16 @@ from pyro.infer.autoguide import (
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
+    AutoNormalMessenger,
     init_to_value,
 )
 
 import pyro_flows._plates
+import pyro_flows._replay
+import pyro_flows._sites
 import pyro_flows.arviz
 from benchmarks.arviz_conversion import model as regression
-from pyro_flows import AutoFlowGuide
+from pyro_flows import AutoFlowGuide, diagnose
 from pyro_flows.arviz import to_inference_data
 
 torch.set_num_threads(1)
@@ -82,6 +85,7 @@ GUIDES = {
     "AutoMultivariateNormal": AutoMultivariateNormal,
     "AutoLowRankMultivariateNormal": AutoLowRankMultivariateNormal,
     "AutoIAFNormal": functools.partial(AutoIAFNormal, hidden_dim=[8]),
+    "AutoNormalMessenger": AutoNormalMessenger,
     "AutoFlowGuide": functools.partial(AutoFlowGuide, hidden_features=(16, 16)),
 }
 
@@ -300,6 +304,37 @@ def test_elbo_and_pareto_k_attributes():
     assert abs(attrs["elbo"] - elbo) < 4.5 * math.sqrt(2) * log_weight.std() / math.sqrt(n)
 
 
+def test_sample_stats_attributes_are_the_diagnosis():
+    # the same seed gives the same draws: every number of diagnose, to the last bit
+    guide, args = fitted("eight_schools", "AutoNormal")
+    pyro.set_rng_seed(5)
+    idata = to_inference_data(guide, *args, num_samples=500)
+    pyro.set_rng_seed(5)
+    d = diagnose(eight_schools, guide, *args, num_samples=500)
+    np.testing.assert_array_equal(idata.sample_stats["log_weight"].values[0], d.log_weights)
+    attrs, expected = idata.sample_stats.attrs, d.to_dict()
+    assert {name: attrs[name] for name in expected} == expected
+    assert set(expected) >= {"khat", "khat_threshold", "ess", "elbo", "iwelbo_100", "verdict"}
+    assert attrs["pareto_k"] == d.khat
+
+
+def test_exact_guide_has_bounded_weights():
+    # q = the exact posterior: every weight is p(x) up to float32 rounding. ArviZ's PSIS
+    # finds no tail (k-hat = inf); diagnose's rule reports bounded weights (-inf), "trust".
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(x.sum() / (len(x) + 1), (len(x) + 1) ** -0.5))
+
+    x = Y[:4] / 10
+    idata = to_inference_data(guide, x, num_samples=1000, model=model)
+    attrs = idata.sample_stats.attrs
+    assert attrs["pareto_k"] == attrs["khat"] == -math.inf and attrs["verdict"] == "trust"
+
+
 def test_prior_groups_sample_the_prior_not_the_initial_values():
     # mu ~ Normal(0, 5): the mean of n draws has sd 5 / sqrt(n); the sd is checked at 4.5 sd.
     guide, args = fitted("eight_schools", "AutoNormal")
@@ -441,9 +476,12 @@ def test_model_that_does_not_broadcast_over_draws():
 
     guide = AutoNormal(model)
     guide(X, Y_REG)
-    with pytest.raises(ValueError, match="vectorize=False"):
-        to_inference_data(guide, X, Y_REG, num_samples=4)
-    idata = to_inference_data(guide, X, Y_REG, num_samples=4, vectorize=False)
+    with pytest.raises(ValueError, match="failed to run vectorized.*vectorize=False"):
+        to_inference_data(guide, X, Y_REG, num_samples=4, vectorize=True)
+    with pytest.warns(UserWarning, match="one draw at a time.*vectorize=False"):
+        idata = to_inference_data(guide, X, Y_REG, num_samples=4)
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "data")
+    idata = to_inference_data(guide, X, Y_REG, num_samples=4, vectorize=False)  # no warning
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "data")
 
 
@@ -457,7 +495,11 @@ def test_model_that_mixes_draws_is_caught():
     guide = AutoNormal(model)
     guide(Y)
     with pytest.raises(ValueError, match="'mean'.*does not broadcast"):
-        to_inference_data(guide, Y, num_samples=4)
+        to_inference_data(guide, Y, num_samples=4, vectorize=True)
+    with pytest.warns(UserWarning, match="'mean'.*does not broadcast"):
+        idata = to_inference_data(guide, Y, num_samples=4)
+    post = idata.posterior  # one draw at a time: each draw's own mean
+    np.testing.assert_array_equal(post["mean"].values, post["mu"].values)
 
 
 @pytest.mark.parametrize(
@@ -518,5 +560,6 @@ def test_custom_guide_with_model_argument():
 
 
 def test_docstring_examples():
-    for module in (pyro_flows.arviz, pyro_flows._plates):
+    modules = (pyro_flows.arviz, pyro_flows._plates, pyro_flows._replay, pyro_flows._sites)
+    for module in modules:
         assert doctest.testmod(module).failed == 0

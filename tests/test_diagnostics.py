@@ -1,6 +1,7 @@
 import doctest
 import importlib
 import math
+from contextlib import nullcontext
 
 import matplotlib.pyplot as plt
 import pyro
@@ -81,8 +82,12 @@ def hand_written_guide(x):
     ids=["AutoNormal", "function", "unvectorizable", "mixing"],
 )
 def test_exact_guide(model, guide):
-    d = diagnose(model, guide(), X, num_samples=400)
-    assert d.vectorized == (model is globals()["model"])
+    vectorizes = model is globals()["model"]
+    # a model that does not broadcast over draws is run one draw at a time, with a warning
+    warns = pytest.warns(UserWarning, match="one draw at a time")
+    with nullcontext() if vectorizes else warns:
+        d = diagnose(model, guide(), X, num_samples=400)
+    assert d.vectorized == vectorizes
     assert d.khat < 0.5 and d.verdict == "trust"
     # every weight is p(x) exactly: all estimates equal the log evidence up to rounding
     assert d.log_weights.shape == (400,)
@@ -90,6 +95,27 @@ def test_exact_guide(model, guide):
     assert d.ess == pytest.approx(400)
     for value in [d.elbo, *d.iwelbo.values()]:
         assert value == pytest.approx(LOG_Z, abs=1e-4)
+
+
+def guide_mixing(x):
+    u = pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+    # averages u over the draws when vectorized: q(mu) is not what a single draw gives
+    pyro.sample("mu", dist.Normal(POST_MEAN + 0.1 * u.mean(), POST_SD))
+
+
+def test_vectorize_policy():
+    guide = normal_guide(model_unvectorizable, POST_MEAN, POST_SD)
+    few = {"num_samples": 10, "num_particles": (1, 10)}
+    with pytest.raises(ValueError, match="failed to run vectorized.*vectorize=False"):
+        diagnose(model_unvectorizable, guide, X, **few, vectorize=True)
+    d = diagnose(model_unvectorizable, guide, X, **few, vectorize=False)  # silent
+    assert not d.vectorized and "one at a time" in str(d)
+    with pytest.raises(ValueError, match="'obs' differs.*model does not broadcast"):
+        diagnose(model_mixing, normal_guide(model_mixing, 0.0, 1.0), X, **few, vectorize=True)
+    with pytest.raises(ValueError, match="guide does not broadcast"):
+        diagnose(model, guide_mixing, X, **few, vectorize=True)
+    with pytest.raises(TypeError, match="vectorize"):
+        diagnose(model, hand_written_guide, X, vectorize="yes")
 
 
 def test_wider_guide_bounded_weights():
@@ -235,7 +261,7 @@ def test_any_autoguide(guide):
     fit(model_two_sites, guide, X, COUNTS, num_steps=100, optim=optim)
     d = diagnose(model_two_sites, guide, X, COUNTS, num_samples=1000)
     assert d.samples["mu"].shape == (1000,) and (d.samples["lam"] > 0).all()
-    assert d.vectorized == (not isinstance(guide, AutoNormalMessenger))
+    assert d.vectorized  # GuideMessenger guides too
     assert d.verdict in ("trust", "use with care", "do not trust")
     # every bound is below the log evidence (a wrong log q, e.g. a missing Jacobian, breaks it)
     for k, bound in d.iwelbo.items():
@@ -271,7 +297,7 @@ def test_subsampling_is_refused():
         with pyro.plate("data", len(x), subsample_size=3) as index:
             pyro.sample("obs", dist.Normal(mu, 1.0), obs=x[index])
 
-    with pytest.raises(ValueError, match="plate 'data' subsamples 3 of 8 at site 'obs'"):
+    with pytest.raises(ValueError, match="Plate 'data' subsamples 3 of 8 points at site 'obs'"):
         diagnose(model_subsampled, hand_written_guide, X)
 
 
@@ -281,7 +307,9 @@ def test_log_importance_weights_shapes_and_chunks():
         with pyro.plate("groups", 2, dim=-2):
             b = pyro.sample("b", dist.Normal(0.0, 1.0))
             with pyro.plate("data", len(x), dim=-1):
-                pyro.sample("obs", dist.Normal(a[..., :1] + b, 1.0), obs=x)
+                # a[..., 0], not a[..., :1]: the latter lines a's event dimension up with
+                # b's plates, which does not broadcast over draws (one draw at a time)
+                pyro.sample("obs", dist.Normal(a[..., 0] + b, 1.0), obs=x)
         pyro.deterministic("c", a.sum(-1) * 2)
 
     guide = AutoNormal(model_plates)

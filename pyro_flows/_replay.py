@@ -1,0 +1,205 @@
+r"""Runs a model and its guide on a batch of draws, and sums log-densities per draw.
+
+The primitives of :mod:`pyro_flows._draws`: the guide runs inside an extra
+:class:`pyro.plate` placed to the left of every plate of the model (as
+:class:`pyro.infer.Trace_ELBO` does with ``vectorize_particles``), and the model is replayed
+on the guide's trace under the same plate. Every site then carries the draws as its leading
+batch dimension, at ``-batch_ndim`` counted among batch dimensions; ``batch_ndim=None`` is a
+plain run of a single draw.
+"""
+
+__all__ = [
+    "ResampleObserved",
+    "draws_plate",
+    "log_joint",
+    "log_probs",
+    "nonfinite",
+    "per_draw",
+    "replay_values",
+    "samples",
+    "to_draws",
+    "total",
+    "trace",
+    "traces",
+    "values_trace",
+]
+
+import math
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine import Trace
+from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
+from pyro.poutine.util import prune_subsample_sites
+from torch import Size, Tensor
+
+DRAWS = "_pyro_flows_draws"
+
+
+class ResampleObserved(UnconditionMessenger):
+    r"""Samples observed sites afresh, leaving ``pyro.deterministic`` sites as they are.
+
+    (``pyro.deterministic`` sites are observed ``Delta`` sites; resampled, a plate would
+    broadcast their value into its event shape.)
+    """
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if not (msg["infer"] or {}).get("_deterministic"):
+            super()._pyro_sample(msg)
+
+
+def draws_plate(num_draws: int, batch_ndim: int | None) -> AbstractContextManager:
+    r"""The plate over draws at dimension ``-batch_ndim``; none for a single plain run.
+
+    Example:
+        >>> with draws_plate(3, 2):
+        ...     pyro.sample("x", pyro.distributions.Normal(0.0, 1.0)).shape
+        torch.Size([3, 1])
+    """
+    if batch_ndim is None:
+        return nullcontext()
+    return pyro.plate(DRAWS, num_draws, dim=-batch_ndim)
+
+
+def trace(fn: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Trace:
+    r"""Traces ``fn(*args, **kwargs)``, without subsample sites."""
+    return prune_subsample_sites(poutine.trace(fn).get_trace(*args, **kwargs))
+
+
+def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    r"""Traces the guide and the model replayed on it (or runs a ``GuideMessenger``).
+
+    Returns:
+        The model's trace and the guide's trace.
+    """
+    if isinstance(poutine.unwrap(guide), GuideMessenger):
+        guide(*args, **kwargs)
+        model_trace, guide_trace = poutine.unwrap(guide).get_traces()
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    guide_trace = trace(guide, args, kwargs)
+    return trace(poutine.replay(model, trace=guide_trace), args, kwargs), guide_trace
+
+
+def values_trace(values: Mapping[str, Tensor]) -> Trace:
+    r"""A trace of latent sample sites holding the given values, to replay a model on.
+
+    Example:
+        >>> values_trace({"z": torch.zeros(2)}).nodes["z"]["value"]
+        tensor([0., 0.])
+    """
+    result = Trace()
+    for name, value in values.items():
+        result.add_node(
+            name, type="sample", is_observed=False, value=value, infer={}, cond_indep_stack=()
+        )
+    return result
+
+
+def replay_values(
+    model: Callable,
+    values: Mapping[str, Tensor],
+    num_draws: int,
+    max_plate_nesting: int,
+    args: tuple,
+    kwargs: dict,
+) -> Trace:
+    r"""Traces the model replayed on given latent values, vectorized over draws.
+
+    Arguments:
+        model: The model.
+        values: Values of latent sites, shaped as :func:`batch` does (differentiable).
+        num_draws: The number of draws.
+        max_plate_nesting: The model's plate nesting; the draws go to its left.
+        args: Positional arguments of the model.
+        kwargs: Keyword arguments of the model.
+    """
+    with draws_plate(num_draws, max_plate_nesting + 1):
+        return trace(poutine.replay(model, trace=values_trace(values)), args, kwargs)
+
+
+def samples(trace: Trace) -> list[tuple[str, dict]]:
+    r"""Returns the ``(name, site)`` pairs of a trace's sample sites."""
+    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def log_probs(trace: Trace, num_draws: int, batch_ndim: int | None) -> dict[str, Tensor]:
+    r"""Returns every sample site's log-density (scaled and masked), summed per draw."""
+    trace.compute_log_prob()
+    return {
+        name: per_draw(site["log_prob"], num_draws, batch_ndim) for name, site in samples(trace)
+    }
+
+
+def log_joint(trace: Trace, num_draws: int, max_plate_nesting: int) -> Tensor:
+    r"""Returns each draw's log-joint: the sum of every site's log-density in a trace made
+    under the plate over draws (differentiable)."""
+    return total(log_probs(trace, num_draws, max_plate_nesting + 1), num_draws)
+
+
+def total(per_site: Mapping[str, Tensor], n: int) -> Tensor:
+    r"""Returns the sum of per-draw values over sites (zeros when there are none)."""
+    return sum(per_site.values(), torch.zeros(n))
+
+
+def per_draw(log_prob: Tensor | float, num_draws: int, batch_ndim: int | None) -> Tensor:
+    r"""Sums a site's log-density over every dimension but the draws.
+
+    A log-density without the draws dimension (a site that does not depend on the draws)
+    is the same for every draw.
+
+    Example:
+        >>> per_draw(torch.ones(3, 1, 4), 3, 3)
+        tensor([4., 4., 4.])
+    """
+    log_prob = torch.as_tensor(log_prob)
+    if batch_ndim is None or log_prob.dim() < batch_ndim:
+        return log_prob.sum().expand(num_draws)
+    log_prob = log_prob.movedim(log_prob.dim() - batch_ndim, 0)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num_draws)
+
+
+def to_draws(value: Tensor, num_draws: int, shape: Size) -> Tensor:
+    r"""Reshapes a vectorized value to ``(num_draws, *shape)``, ``shape`` being one draw's.
+
+    Example:
+        >>> to_draws(torch.zeros(5, 1, 8), 5, torch.Size([8])).shape
+        torch.Size([5, 8])
+    """
+    extra = value.dim() - len(shape)
+    if extra > 0:
+        value = value.reshape(math.prod(value.shape[:extra]), *value.shape[extra:])
+    return value.expand(num_draws, *shape)
+
+
+def nonfinite(*scored: tuple[Trace, Mapping[str, Tensor]]) -> dict[str, int]:
+    r"""Counts the NaN and :math:`+\infty` log-density values of each site.
+
+    :math:`-\infty` is a zero density, a legitimate weight. Such values make a site's
+    per-draw sum NaN or :math:`+\infty`, so only those sites' values are counted.
+
+    Arguments:
+        scored: Traces with their per-site, per-draw sums (see :func:`log_probs`).
+
+    Example:
+        >>> def model():
+        ...     pyro.factor("bad", torch.tensor([0.0, math.inf, -math.inf]))
+        >>> with pyro.validation_enabled(False):
+        ...     trace_ = trace(model, (), {})
+        ...     counts = nonfinite((trace_, log_probs(trace_, 1, None)))
+        >>> counts
+        {'bad': 1}
+    """
+    counts: dict[str, int] = {}
+    for trace_, sums in scored:
+        for name, per_draw_sum in sums.items():
+            if torch.isnan(per_draw_sum).any() or torch.isposinf(per_draw_sum).any():
+                log_prob = torch.as_tensor(trace_.nodes[name]["log_prob"])
+                count = int((torch.isnan(log_prob) | torch.isposinf(log_prob)).sum())
+                if count:
+                    counts[name] = counts.get(name, 0) + count
+    return counts

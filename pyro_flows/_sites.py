@@ -1,0 +1,213 @@
+r"""What the sites of a model look like for one draw, and reshaping values by them."""
+
+__all__ = [
+    "Site",
+    "Structure",
+    "batch",
+    "check_int",
+    "inspect",
+    "inspect_values",
+    "log_likelihood",
+    "site_values",
+    "user_model",
+]
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.distributions import Distribution
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine import Trace
+from torch import Size, Tensor
+
+from ._replay import samples, to_draws, trace, traces, values_trace
+
+CHUNK_ELEMENTS = 2**20  # site values and log-densities per chunk
+
+
+@dataclass(frozen=True)
+class Site:
+    r"""What one sample site of the model looks like for a single draw.
+
+    Arguments:
+        kind: ``"latent"``, ``"deterministic"``, ``"observed"`` or ``"auxiliary"``.
+        shape: The shape of the site's value.
+        event_dim: The number of rightmost event dimensions of the value.
+        plates: The enclosing vectorized plates, as ``(name, dim, size)``.
+        fn: The site's distribution.
+        value: The site's value (the data, for observed sites).
+    """
+
+    kind: str
+    shape: Size
+    event_dim: int
+    plates: tuple[tuple[str, int, int], ...]
+    fn: Distribution
+    value: Tensor
+
+
+@dataclass(frozen=True)
+class Structure:
+    r"""The sites of a model replayed on one guide draw, and its plate nesting.
+
+    Arguments:
+        sites: The model's sample sites, in model order.
+        max_plate_nesting: The number of plate dimensions; draws go to the left of them.
+        guide_shapes: The shapes of the guide's sample sites for a single draw.
+    """
+
+    sites: dict[str, Site]
+    max_plate_nesting: int
+    guide_shapes: dict[str, Size]
+
+    def names(self, *kinds: str) -> list[str]:
+        r"""Returns the names of the sites of the given kinds, in model order."""
+        return [name for name, site in self.sites.items() if site.kind in kinds]
+
+    def chunk_size(self, num_samples: int, chunk_size: int | None = None) -> int:
+        r"""Returns the draws per chunk: ``chunk_size``, or as many as keep a chunk's site
+        values and log-densities near :math:`2^{20}` numbers."""
+        if chunk_size is not None:
+            return min(chunk_size, num_samples)
+        per_draw = sum(2 * math.prod(site.shape) for site in self.sites.values())
+        return max(1, min(num_samples, CHUNK_ELEMENTS // max(1, per_draw)))
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    r"""Raises a :py:`TypeError` unless ``value`` is an int, a :py:`ValueError` if below
+    ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}.")
+
+
+def user_model(guide: Any) -> Callable:
+    r"""Returns the user's model of an autoguide, without the ``InitMessenger`` around it.
+
+    Pyro's autoguides store ``InitMessenger(init_loc_fn)(model)`` as ``guide.model``; run
+    unconditioned, that wrapper puts initial values where prior draws belong.
+    """
+    model = guide.model
+    while True:
+        inner = model.func if isinstance(model, partial) and not model.args else model
+        if not (isinstance(inner, partial) and len(inner.args) >= 2):
+            return model
+        if not isinstance(inner.args[0], InitMessenger):
+            return model
+        model = inner.args[1]
+
+
+def inspect(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    max_plate_nesting: int | None = None,
+) -> Structure:
+    r"""Replays the model on one guide draw, without consuming the global random stream.
+
+    Raises a :py:`ValueError` if a plate subsamples: draws are scored on the whole data.
+    """
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model_trace, guide_trace = traces(model, guide, args, kwargs)
+    return _structure(model_trace, guide_trace, max_plate_nesting)
+
+
+def inspect_values(
+    model: Callable,
+    values: Mapping[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    *,
+    max_plate_nesting: int | None = None,
+) -> Structure:
+    r"""Like :func:`inspect`, replaying the model on one draw's given latent values."""
+    given = values_trace(values)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model_trace = trace(poutine.replay(model, trace=given), args, kwargs)
+    return _structure(model_trace, given, max_plate_nesting)
+
+
+def _structure(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int | None) -> Structure:
+    nesting = 0
+    for name, site in [*samples(guide_trace), *samples(model_trace)]:
+        for frame in site["cond_indep_stack"]:
+            if not frame.vectorized or frame.dim is None:
+                continue
+            nesting = max(nesting, -frame.dim)
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"Plate {frame.name!r} subsamples {frame.size} of {frame.full_size} points "
+                    f"at site {name!r}: draws are scored on the whole data. Call the model with "
+                    "the arguments that make it use all of it (no subsample_size)."
+                )
+    if max_plate_nesting is not None:
+        check_int("max_plate_nesting", max_plate_nesting, 0)
+        nesting = max_plate_nesting
+    sites = {name: _site(site) for name, site in samples(model_trace)}
+    guide_shapes = {name: site["value"].shape for name, site in samples(guide_trace)}
+    return Structure(sites, nesting, guide_shapes)
+
+
+def _site(site: dict) -> Site:
+    infer = site["infer"] or {}
+    if infer.get("_deterministic"):
+        kind = "deterministic"
+    elif infer.get("is_auxiliary"):
+        kind = "auxiliary"
+    else:
+        kind = "observed" if site["is_observed"] else "latent"
+    value = site["value"]
+    event_dim = site["fn"].event_dim
+    if kind == "deterministic" and event_dim == value.dim():
+        event_dim = 0  # pyro.deterministic's default: no event dims were declared
+    plates = tuple(
+        (frame.name, frame.dim, frame.size)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    )
+    return Site(kind, value.shape, event_dim, plates, site["fn"], value)
+
+
+def batch(values: Mapping[str, Tensor], structure: Structure) -> dict[str, Tensor]:
+    r"""Reshapes draws ``(S, *shape)`` of sites to their shapes under the plate over draws.
+
+    Sites outside some of the model's plates get size-one dimensions between the draws and
+    their own batch dimensions.
+    """
+    result = {}
+    for name, value in values.items():
+        site = structure.sites[name]
+        pad = structure.max_plate_nesting - (len(site.shape) - site.event_dim)
+        result[name] = value.reshape(len(value), *(1,) * pad, *site.shape)
+    return result
+
+
+def site_values(
+    trace: Trace, names: list[str], structure: Structure, num_draws: int
+) -> dict[str, Tensor]:
+    r"""Returns the values of the named sites of a trace, shaped ``(num_draws, *shape)``."""
+    return {
+        name: to_draws(trace.nodes[name]["value"], num_draws, structure.sites[name].shape)
+        for name in names
+    }
+
+
+def log_likelihood(
+    trace: Trace, names: list[str], structure: Structure, num_draws: int
+) -> dict[str, Tensor]:
+    r"""Pointwise log-densities of observed sites: unscaled, masked points zero."""
+    result = {}
+    for name in names:
+        node, site = trace.nodes[name], structure.sites[name]
+        log_lik = scale_and_mask(node["unscaled_log_prob"], mask=node["mask"])
+        result[name] = to_draws(log_lik, num_draws, site.fn.log_prob(site.value).shape)
+    return result
