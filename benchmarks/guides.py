@@ -73,5 +73,4 @@ GUIDES: dict[str, Callable[[Callable], object]] = {
     "AutoFlowGuide(realnvp)": flow_guide("realnvp"),
     # The recommended recipe: the "sticking the landing" gradient (docs/guide.md).
     "AutoFlowGuide(iaf)+stl": flow_guide("iaf", stl=True),
-    "AutoFlowGuide(nsf)+stl": flow_guide("nsf", stl=True),
 }
