@@ -59,7 +59,16 @@ def test_hierarchical(capsys, figures):
     summary, pngs = figures(hierarchical.main, "--num-particles", "2", "--num-nuts", "4")
     assert set(summary) == {"AutoNormal", "AutoFlowGuide", "NUTS (non-centred)"}
     assert "tau_a" in capsys.readouterr().out
-    assert pngs == ["hierarchical_fit.png", "hierarchical_marginals.png"]
+    assert pngs == ["hierarchical_centred_fit.png", "hierarchical_centred_marginals.png"]
+
+
+def test_hierarchical_noncentred(figures):
+    import hierarchical
+
+    args = ("--num-particles", "2", "--num-nuts", "4", "--noncentred")
+    summary, pngs = figures(hierarchical.main, *args)
+    assert set(summary) == {"AutoNormal", "AutoFlowGuide", "NUTS (non-centred)"}
+    assert pngs[0] == "hierarchical_noncentred_fit.png"
 
 
 def test_neutra(capsys, figures):

@@ -1,0 +1,78 @@
+"""Sphinx configuration of the pyro-flows documentation (see docs/README.md).
+
+Build: ``sphinx-build -W --keep-going docs build/docs`` (warnings are errors, as in CI).
+"""
+
+import sys
+from pathlib import Path
+
+from docutils import nodes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyro_flows  # noqa: E402
+
+project = "pyro-flows"
+author = "the pyro-flows developers"
+copyright = "the pyro-flows developers; Apache-2.0"
+release = version = pyro_flows.__version__
+
+extensions = [
+    "myst_nb",  # Markdown pages (MyST) and the committed notebooks, with their outputs
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",  # Google-style docstrings: Arguments, Returns, Example
+    "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # ships MathJax with the site: formulas render without a network
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["README.md", "_build", "**/.ipynb_checkpoints"]
+# Pages listed in index.md's navigation that are being written elsewhere: until their file
+# exists, their entry is dropped (a missing toctree entry would fail the strict build).
+OPTIONAL_PAGES = ("errors", "scale")
+
+# Notebooks are shown with the outputs of their committed full run, never executed here.
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+html_theme = "furo"
+html_title = f"pyro-flows {version}"
+html_static_path = ["_static"]
+html_theme_options = {"source_directory": "docs/", "navigation_with_keys": True}
+
+
+def py_role(
+    name: str,
+    rawtext: str,
+    text: str,
+    lineno: int,
+    inliner: object,
+    options: dict | None = None,
+    content: list | None = None,
+) -> tuple[list, list]:
+    """``:py:`expr``` in the docstrings (zuko's convention): inline Python code."""
+    node = nodes.literal(rawtext, text, classes=["code", "highlight", "python"])
+    node["language"] = "python"
+    return [node], []
+
+
+def drop_missing_pages(app: object, docname: str, source: list[str]) -> None:
+    """Removes the toctree entries of OPTIONAL_PAGES that do not exist (yet)."""
+    if docname != "index":
+        return
+    for page in OPTIONAL_PAGES:
+        if not (Path(app.srcdir) / f"{page}.md").exists():
+            source[0] = source[0].replace(f"\n{page}\n", "\n")
+
+
+def setup(app: object) -> None:
+    app.add_role("py", py_role)
+    app.connect("source-read", drop_missing_pages)
