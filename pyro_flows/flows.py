@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,9 @@ import zuko
 from torch import Tensor
 from zuko.flows.gaussianization import ElementWiseTransform
 from zuko.lazy import LazyTransform
+from zuko.transforms import MonotonicRQSTransform
+
+from .made import masked_autoregressive
 
 
 def _check_options(transforms: int, hidden_features: Sequence[int], bins: int = 2) -> None:
@@ -39,6 +43,12 @@ def _check_options(transforms: int, hidden_features: Sequence[int], bins: int = 
         )
     if not isinstance(bins, int) or bins < 2:
         raise ValueError(f"bins={bins!r}: a spline needs at least 2 bins.")
+
+
+def _spline(bins: int) -> dict[str, object]:
+    # The univariate transformation of zuko's NSF, with its default slope.
+    univariate = partial(MonotonicRQSTransform, slope=1e-3)
+    return {"univariate": univariate, "shapes": [(bins,), (bins,), (bins - 1,)]}
 
 
 def identity_init_(transform: nn.Module) -> nn.Module:
@@ -149,14 +159,14 @@ def iaf(
     """
 
     _check_options(transforms, hidden_features)
-    flow = zuko.flows.MAF(
+    transform = masked_autoregressive(
         features,
         transforms=transforms,
         randperm=randperm,
         hidden_features=tuple(hidden_features),
         activation=activation,
     )
-    return identity_init_(flow.transform)
+    return identity_init_(transform)
 
 
 def nsf(
@@ -197,15 +207,15 @@ def nsf(
     """
 
     _check_options(transforms, hidden_features, bins)
-    flow = zuko.flows.NSF(
+    transform = masked_autoregressive(
         features,
         transforms=transforms,
-        bins=bins,
         randperm=randperm,
         hidden_features=tuple(hidden_features),
         activation=activation,
+        **_spline(bins),
     )
-    return identity_init_(flow.transform)
+    return identity_init_(transform)
 
 
 def nsf_coupling(
@@ -246,16 +256,16 @@ def nsf_coupling(
     """
 
     _check_options(transforms, hidden_features, bins)
-    flow = zuko.flows.NSF(
+    transform = masked_autoregressive(
         features,
         transforms=transforms,
-        bins=bins,
-        passes=2,
         randperm=randperm,
+        passes=2,
         hidden_features=tuple(hidden_features),
         activation=activation,
+        **_spline(bins),
     )
-    return identity_init_(flow.transform)
+    return identity_init_(transform)
 
 
 def realnvp(
