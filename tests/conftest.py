@@ -19,3 +19,21 @@ def _fresh_pyro_state():
     yield
     torch.set_default_dtype(default_dtype)
     pyro.clear_param_store()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the device-aware tests (the `device` fixture): cpu (default) or cuda; "
+        "with cuda and no CUDA device they are skipped",
+    )
+
+
+@pytest.fixture
+def device(request):
+    """The torch device chosen with `pytest --device ...`; skips the test when it is absent."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device")
+    return device
