@@ -8,6 +8,7 @@ __all__ = [
     "load_checkpoint",
 ]
 
+import glob
 import os
 import pickletools
 import random
@@ -161,7 +162,10 @@ def module_buffers(*modules: object) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    r"""Writes `state` to `path` atomically: to a temporary file first, then renamed."""
+    r"""Writes `state` to `path` atomically: to a temporary file first, then renamed.
+
+    Temporary files that processes killed while writing left next to `path` are removed.
+    """
 
     path = Path(path)
     check_safe(state)
@@ -175,6 +179,24 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    _remove_stale(path)
+
+
+def _remove_stale(path: Path) -> None:
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

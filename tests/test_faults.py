@@ -1,6 +1,7 @@
 """Faults lose nothing: a fit killed by a signal resumes from its checkpoint to the parameters
 of an uninterrupted fit with the same seed, bit for bit."""
 
+import io
 import os
 import signal
 import subprocess
@@ -52,11 +53,26 @@ def run_fit(path, every, callback=None):
     )
 
 
-def child(path, every):
+def child(path, every, crash_at_save=None):
     """The process to be killed: reports each step, slowed down after step 30 so that the
-    signal lands mid-run."""
+    signal lands mid-run. With `crash_at_save=k`, it dies halfway through writing its k-th
+    checkpoint instead, as if killed then."""
 
     torch.set_num_threads(1)
+    if crash_at_save is not None:
+        save, count = torch.save, [0]
+
+        def crashing_save(obj, f):
+            count[0] += 1
+            if count[0] == crash_at_save:
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                f.flush()
+                os._exit(3)  # no clean-up, no finally: as SIGKILL
+            save(obj, f)
+
+        torch.save = crashing_save
 
     def callback(step, loss):
         print(step, flush=True)
@@ -78,16 +94,16 @@ def uninterrupted(tmp_path_factory):
     return params()
 
 
-def start_and_signal(path, every, signum):
+def start_and_signal(path, every, signum, crash_at_save=None):
     here = Path(__file__).parent
-    code = f"import test_faults; test_faults.child({str(path)!r}, {every})"
+    code = f"import test_faults; test_faults.child({str(path)!r}, {every}, {crash_at_save})"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
     command = [sys.executable, "-c", code]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
         lines = []
         for line in process.stdout:
             lines.append(line.strip())
-            if line.strip().isdigit() and int(line) >= 40:
+            if signum is not None and line.strip().isdigit() and int(line) >= 40:
                 process.send_signal(signum)
                 break
         lines += [line.strip() for line in process.stdout]
@@ -118,3 +134,17 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
+    path = tmp_path / "fit.pt"
+    returncode, lines = start_and_signal(path, 10, None, crash_at_save=4)
+    assert returncode == 3 and lines[-1] == "38"  # died writing the checkpoint of step 40
+    assert load_checkpoint(path)["step"] == 30  # the previous checkpoint, intact
+    assert len(list(tmp_path.glob(".fit.pt.*.tmp"))) == 1  # the half-written one
+
+    result = run_fit(path, 10)
+    assert result.num_steps == NUM_STEPS
+    for name, value in params().items():
+        assert torch.equal(value, uninterrupted[name]), name
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.pt"]  # the dead process's file gone
