@@ -412,7 +412,11 @@ class AutoFlowGuide(AutoContinuous):
             dtype=self.loc.dtype,
             device=self.loc.device,
         )
-        return self.get_transform()(eps)
+        # In chunks of about 2**20 numbers: the flow's networks widen each draw k-fold, which
+        # took 1.25 GB for 4,096 draws at D = 10,000 in one pass.
+        transform = self.get_transform()
+        rows = max(1, 2**20 // self.latent_dim)
+        return torch.cat([transform(chunk) for chunk in eps.split(rows)])
 
     @torch.no_grad()
     def quantiles(

@@ -120,3 +120,16 @@ def test_hierarchical_model_fits(dim, options, steps, tolerance):
     error = (draws.mean(0) - mean).abs().mean() / sd
     assert error < tolerance
     assert draws.std(0).mean() == pytest.approx(sd, rel=0.1)
+
+
+def test_quantile_draws_in_chunks_are_one_pass_draws():
+    # Chunks of about 2**20 numbers: 4 chunks of 1,048 draws here.
+    y = torch.zeros(999)
+    guide = AutoFlowGuide(hierarchical, init_scale=1.0)
+    guide(y)
+    with torch.no_grad():
+        for p in (guide.loc, guide.flow_params):  # away from the identity
+            p.unconstrained().add_(0.01 * torch.randn_like(p))
+        generator = torch.Generator().manual_seed(0)
+        eps = torch.randn(guide.num_quantile_samples, 1000, generator=generator)
+        torch.testing.assert_close(guide._quantile_draws(), guide.get_transform()(eps))
