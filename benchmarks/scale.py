@@ -8,7 +8,10 @@ fresh subprocess on one thread, which reports:
 - `build_s`: the first SVI step, which traces the model and builds the guide (after a run at
   D = 4 in the same process, so that lazy imports and first calls are not counted);
 - `ms_step`: wall time per SVI step (Trace_ELBO, one particle, Adam), the median over blocks of
-  steps after 3 warm-up steps, for at most `--seconds` or `--max-steps`;
+  5 steps after 3 warm-up steps, for at most `--seconds` or `--max-steps`;
+- `x_autonormal`: the median ratio of each block's time to that of the next block of AutoNormal
+  steps on the same model in the same process (alternate blocks, so that load from other
+  processes affects both alike; AutoNormal's parameters add 2 D floats to `peak_mb`);
 - `peak_mb`: the process's peak resident set size (`resource.getrusage(...).ru_maxrss`) over the
   build and the steps, minus the peak before them (after the imports and the D = 4 run): what
   the model, guide and steps add. It counts memory that the allocator keeps, so it is coarse
@@ -101,34 +104,44 @@ def worker(spec: dict) -> dict:
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def setup(dim: int) -> tuple:
-        pyro.clear_param_store()
+    def setup(dim: int, flow: str | None, options: dict) -> tuple:
         pyro.set_rng_seed(0)
         generator = torch.Generator().manual_seed(0)
         y = 1.0 + 0.5 * torch.randn(dim - 2, generator=generator)
         y = y + torch.randn(dim - 2, generator=generator)
-        flow, options = spec["flow"], spec["options"]
         guide = AutoNormal(model) if flow is None else AutoFlowGuide(model, flow=flow, **options)
-        return SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()), y
+        return SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()), guide, y
+
+    def timed(svi: SVI, y: torch.Tensor, losses: list) -> float:
+        start = time.perf_counter()
+        for _ in range(5):
+            losses.append(svi.step(y))
+        return (time.perf_counter() - start) / 5
 
     # A small run first: lazy imports and first-call set-up are not counted.
-    svi, y = setup(4)
+    svi, _, y = setup(4, spec["flow"], spec["options"])
     for _ in range(3):
         svi.step(y)
+    pyro.clear_param_store()
     baseline = rss_mb()
-    svi, y = setup(spec["D"])
+    svi, guide, y = setup(spec["D"], spec["flow"], spec["options"])
     start = time.perf_counter()
     losses = [svi.step(y)]
     build = time.perf_counter() - start
-    params = sum(p.numel() for p in pyro.get_param_store().values())
+    params = sum(p.numel() for p in guide.parameters())
     for _ in range(3):
         losses.append(svi.step(y))
-    blocks, steps, start = [], 0, time.perf_counter()
+    # AutoNormal on the same model, timed in alternate blocks: the ratio is robust to load
+    # that other processes put on the machine during the measurement.
+    twin = setup(spec["D"], None, {}) if spec["flow"] is not None else None
+    if twin is not None:
+        for _ in range(4):
+            twin[0].step(twin[2])
+    blocks, ratios, steps, start = [], [], 0, time.perf_counter()
     while steps < spec["max_steps"] and time.perf_counter() - start < spec["seconds"]:
-        block = time.perf_counter()
-        for _ in range(5):
-            losses.append(svi.step(y))
-        blocks.append((time.perf_counter() - block) / 5)
+        blocks.append(timed(svi, y, losses))
+        if twin is not None:
+            ratios.append(blocks[-1] / timed(twin[0], twin[2], []))
         steps += 5
     for _ in range(max(0, spec["fit_steps"] - len(losses))):
         losses.append(svi.step(y))
@@ -137,6 +150,7 @@ def worker(spec: dict) -> dict:
         "params": params,
         "build_s": build,
         "ms_step": 1e3 * statistics.median(blocks),
+        "x_autonormal": statistics.median(ratios) if ratios else 1.0,
         "timed_steps": steps,
         "peak_mb": rss_mb() - baseline,
         "baseline_mb": baseline,
@@ -161,7 +175,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     configs = {**CONFIGS, **EXTRA}
     rows = []
     for dim in args.dims:
-        autonormal = None
         for name in args.configs:
             flow, options = configs[name]
             row = {"D": dim, "config": name}
@@ -177,10 +190,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "fit_steps": args.fit_steps,
                 }
                 row.update(run_one(spec, args.timeout))
-            if name == "AutoNormal" and "ms_step" in row:
-                autonormal = row["ms_step"]
-            if autonormal and "ms_step" in row:
-                row["x_autonormal"] = row["ms_step"] / autonormal
             rows.append(row)
             print(format_row(row), flush=True)
     return rows

@@ -18,7 +18,7 @@ from pyro.infer import Trace_ELBO
 from pyro_flows import AutoFlowGuide, fit
 from pyro_flows.checkpoint import load_checkpoint
 
-NUM_STEPS = 150
+NUM_STEPS = 100
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 
