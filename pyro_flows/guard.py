@@ -14,7 +14,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from ._checks import DataError
+from ._data_checks import DataError
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -16,7 +16,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from . import checkpoint as ckpt
-from ._checks import MASK_ADVICE, nonfinite_arguments
+from ._data_checks import MASK_ADVICE, nonfinite_arguments
 from .guard import (
     NonFiniteLossError,
     all_finite,
