@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 TRUST, CARE, DISTRUST = "trust", "use with care", "do not trust"
 FLAT = 0.01  # log weights all within this many nats: constant weights, k-hat = -inf
 MIN_ESS = 100
+ROUNDING = 16  # draws within this many epsilons (of the largest) count as equal
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -36,9 +38,21 @@ def khat_threshold(num_samples: int) -> float:
 
 
 def constant(draws: Tensor) -> bool:
-    r"""Whether every draw equals the first."""
+    r"""Whether every draw equals the first, up to rounding.
 
-    return bool((draws == draws[:1]).all())
+    Draws computed in vectorized runs of different sizes differ in their last bits (a
+    point estimate's simplex draws by one ulp, say), so floating-point draws count as equal
+    within :data:`ROUNDING` machine epsilons of the site's largest magnitude.
+
+    Example:
+        >>> constant(torch.tensor([0.3, 0.3 + 3e-8])), constant(torch.tensor([0.3, 0.31]))
+        (True, False)
+    """
+
+    if not draws.is_floating_point():
+        return bool((draws == draws[:1]).all())
+    tolerance = ROUNDING * torch.finfo(draws.dtype).eps * draws.abs().max()
+    return bool(((draws - draws[:1]).abs() <= tolerance).all())
 
 
 def tied_tail(finite: np.ndarray, n: int) -> bool:

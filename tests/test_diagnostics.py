@@ -12,6 +12,7 @@ from pyro.infer.autoguide import (
     AutoDelta,
     AutoDiagonalNormal,
     AutoIAFNormal,
+    AutoLaplaceApproximation,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
@@ -289,6 +290,22 @@ def test_point_estimate_is_not_trusted():
     d = diagnose(model, guide, X, num_samples=100)
     assert d.khat == -math.inf  # constant weights, as for an exact guide...
     assert d.verdict == "do not trust" and "AutoDelta" in d.reason  # ...but no spread at all
+
+
+def test_point_estimate_with_rounding_noise_is_not_trusted():
+    # AutoLaplaceApproximation's simplex draws, computed in chunks of 7, differ in their last
+    # bit between draws (vectorized kernels round a batch's tail differently): still a point.
+    def simplex_model(counts):
+        with pyro.plate("groups", len(counts)):
+            p = pyro.sample("p", dist.Dirichlet(torch.ones(3)))
+            pyro.sample("k", dist.Multinomial(10, p), obs=counts)
+
+    counts = torch.tensor([[2.0, 3.0, 5.0], [6.0, 1.0, 3.0], [1.0, 1.0, 8.0], [4.0, 4.0, 2.0]])
+    guide = AutoLaplaceApproximation(simplex_model)
+    fit(simplex_model, guide, counts, num_steps=100, optim=pyro.optim.Adam({"lr": 0.05}))
+    d = diagnose(simplex_model, guide, counts, num_samples=100, chunk_size=7)
+    assert not (d.samples["p"] == d.samples["p"][:1]).all()  # the rounding noise is there
+    assert d.verdict == "do not trust" and "AutoDelta" in d.reason
 
 
 def test_subsampling_is_refused():
