@@ -8,7 +8,8 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 from torch import Tensor
-from torch.distributions import biject_to
+
+from .supports import site_bijection
 
 
 def init_to_median_or_feasible(site: Message) -> Tensor:
@@ -17,8 +18,10 @@ def init_to_median_or_feasible(site: Message) -> Tensor:
     As Pyro's :func:`~pyro.infer.autoguide.initialization.init_to_median`, which is the
     default of Pyro's autoguides, except that a prior that cannot be sampled, such as a flat
     improper :class:`~pyro.distributions.ImproperUniform`, falls back to the image of zero
-    under ``biject_to(support)`` instead of failing (Pyro's own ``init_to_feasible`` samples
-    the prior too).
+    under the guide's bijection onto the support
+    (:func:`~pyro_flows.supports.site_bijection`, which also maps lower-Cholesky and positive
+    definite supports) instead of failing (Pyro's own ``init_to_feasible`` samples the prior
+    too).
 
     Arguments:
         site: A Pyro sample site.
@@ -39,5 +42,5 @@ def init_to_median_or_feasible(site: Message) -> Tensor:
         return init_to_median(site)
     except NotImplementedError:
         fn = site["fn"]
-        transform = biject_to(fn.support)
+        transform = site_bijection(fn.support)
         return transform(torch.zeros(transform.inverse_shape(fn.shape())))

@@ -3,6 +3,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
@@ -95,3 +96,20 @@ def test_fit_on_the_triangle():
     assert draws["b"].mean().item() == pytest.approx(0.25, abs=0.025)
     # The median of b solves b (1 - log b) = 1/2: b = 0.1867 (an MC error of about 0.004).
     assert guide.median()["b"].item() == pytest.approx(0.1867, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "support", [constraints.lower_cholesky, constraints.positive_definite], ids=str
+)
+def test_flat_prior_on_a_support_torch_cannot_map(support):
+    # The default initialization falls back to the guide's own bijection for flat priors:
+    # torch's biject_to has none onto these supports and set-up failed with its error.
+    def model():
+        x = pyro.sample("x", dist.ImproperUniform(support, (), (3, 3)))
+        pyro.factor("f", -x.square().sum())
+
+    guide = AutoFlowGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor([svi.step() for _ in range(3)])).all()
+    torch.testing.assert_close(guide.prototype_trace.nodes["x"]["value"], torch.eye(3))
+    assert support.check(guide.median()["x"]).all()
