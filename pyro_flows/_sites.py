@@ -114,11 +114,31 @@ def inspect(
 ) -> Structure:
     r"""Replays the model on one guide draw, without consuming the global random stream.
 
-    Raises a :py:`ValueError` if a plate subsamples: draws are scored on the whole data.
+    Raises a :py:`ValueError` if a plate subsamples (draws are scored on the whole data), or
+    if the guide does not sample a latent site of the model.
     """
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         model_trace, guide_trace = traces(model, guide, args, kwargs)
+    _check_guided(model_trace, guide_trace)
     return _structure(model_trace, guide_trace, max_plate_nesting)
+
+
+def _check_guided(model_trace: Trace, guide_trace: Trace) -> None:
+    r"""Raises a :py:`ValueError` naming a latent site of the model that the guide lacks.
+
+    The model would draw it from its prior: a posterior mixing guide and prior draws, and
+    importance weights that count its prior density but not its sampling density.
+    """
+    guided = {name for name, _ in samples(guide_trace)}
+    for name, site in samples(model_trace):
+        if site["is_observed"] or (site["infer"] or {}).get("is_auxiliary") or name in guided:
+            continue
+        raise ValueError(
+            f"The model's latent site {name!r} is not in the guide: it would be drawn from "
+            "its prior, and the importance weights would be wrong. If it holds data, pass the "
+            "data as when fitting (an observed site given None is latent); otherwise use a "
+            "guide that samples it."
+        )
 
 
 def inspect_values(

@@ -530,6 +530,16 @@ def test_subsampled_plate_is_refused():
         to_inference_data(guide, Y, num_samples=4)
 
 
+def test_observed_site_without_data_is_refused():
+    # fitted with y; without it "obs" is latent, absent from the guide: drawn from its prior,
+    # it gave a posterior with an "obs" variable, wrong weights, and a warning blaming the model
+    guide, _ = fitted("eight_schools", "AutoNormal")
+    with pytest.raises(ValueError, match="latent site 'obs' is not in the guide.*pass the data"):
+        to_inference_data(guide, SIGMA, num_samples=4)
+    with pytest.raises(ValueError, match="latent site 'obs' is not in the guide"):
+        diagnose(eight_schools, guide, SIGMA, num_samples=4, num_particles=1)
+
+
 def test_model_keyword_arguments():
     guide, _ = fitted("eight_schools", "AutoNormal")
     idata = to_inference_data(guide, sigma=SIGMA, y=Y, num_samples=4)
