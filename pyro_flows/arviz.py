@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _draws
 from ._plates import plate_dims
-from .diagnostics import NUM_PARTICLES, Diagnosis
+from .diagnostics import Diagnosis
 
 
 def to_inference_data(
@@ -145,7 +145,6 @@ def _draw(
     diagnosis = Diagnosis.from_log_weights(  # what diagnose computes, on the same draws
         torch.from_numpy(groups["sample_stats"]["log_weight"][0]),
         {name: torch.from_numpy(v[0]) for name, v in groups.get("posterior", {}).items()},
-        num_particles=[k for k in NUM_PARTICLES if k <= num_samples],
         vectorized=chunk.vectorized,
         nonfinite=dict(nonfinite),
     )

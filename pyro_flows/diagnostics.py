@@ -19,6 +19,18 @@ from .weights import constant, iwelbo, psis, verdict
 NUM_PARTICLES = (1, 10, 100)  # the IW-ELBO's numbers of particles K, by default
 
 
+def default_particles(num_samples: int) -> tuple[int, ...]:
+    r"""Returns the default numbers of particles :math:`K`: 1, 10 and 100, those
+    :math:`\le S`.
+
+    Example:
+        >>> default_particles(4000), default_particles(50)
+        ((1, 10, 100), (1, 10))
+    """
+
+    return tuple(k for k in NUM_PARTICLES if k <= num_samples)
+
+
 @dataclass(repr=False)
 class Diagnosis:
     r"""Creates the verdict of :func:`diagnose` on a guide, with the numbers behind it.
@@ -69,7 +81,7 @@ class Diagnosis:
         cls,
         log_weights: Tensor,
         samples: dict[str, Tensor],
-        num_particles: Sequence[int] = NUM_PARTICLES,
+        num_particles: Sequence[int] | None = None,
         vectorized: bool = True,
         nonfinite: dict[str, int] | None = None,
     ) -> "Diagnosis":
@@ -78,12 +90,15 @@ class Diagnosis:
         Arguments:
             log_weights: The log weights, shape :py:`(S,)`.
             samples: The draws they belong to, per site, shape :py:`(S, *site_shape)`.
-            num_particles: The numbers of particles :math:`K` of the IW-ELBO estimates.
+            num_particles: The numbers of particles :math:`K` of the IW-ELBO estimates. If
+                :py:`None`, 1, 10 and 100, those :math:`\le S`.
             vectorized: Whether the draws were computed in vectorized passes.
             nonfinite: Per site, the number of NaN or :math:`+\infty` log-density values.
         """
 
         lw = log_weights.detach().double().cpu().reshape(-1).numpy()
+        if num_particles is None:
+            num_particles = default_particles(len(lw))
         with np.errstate(invalid="ignore"):  # NaN and -inf weights give NaN statistics
             stats = psis(lw)
             stats["iwelbo"], stats["iwelbo_se"] = iwelbo(lw, num_particles)
@@ -174,7 +189,7 @@ def diagnose(
     guide: Callable,
     *args: Any,
     num_samples: int = 4000,
-    num_particles: Sequence[int] = NUM_PARTICLES,
+    num_particles: Sequence[int] | int | None = None,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
     vectorize: bool | None = None,
@@ -202,7 +217,8 @@ def diagnose(
         args: Positional arguments of the model and guide.
         num_samples: The number of draws :math:`S`.
         num_particles: The numbers of particles :math:`K` of the IW-ELBO estimates; each
-            uses the :math:`S` draws as :math:`S / K` groups.
+            uses the :math:`S` draws as :math:`S / K` groups. If :py:`None`, 1, 10 and 100,
+            those :math:`\le S`.
         max_plate_nesting: The number of nested plates in the model. If :py:`None`, found by
             tracing the model once.
         chunk_size: The number of draws per vectorized pass (see
@@ -233,6 +249,8 @@ def diagnose(
         | https://arxiv.org/abs/1507.02646
     """
 
+    if num_particles is None:
+        num_particles = default_particles(num_samples)
     if isinstance(num_particles, int):
         num_particles = (num_particles,)
     for k in num_particles:

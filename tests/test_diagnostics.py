@@ -356,6 +356,15 @@ def test_bad_arguments(kwargs, match):
         diagnose(model, hand_written_guide, X, **kwargs)
 
 
+def test_fewer_draws_than_the_default_particles():
+    # the default K = 100 needs 100 draws: num_samples=50 raised about num_particles, which
+    # was not passed, and from_log_weights warned "Mean of empty slice" and gave NaN
+    d = diagnose(model, hand_written_guide, X, num_samples=50)
+    assert list(d.iwelbo) == [1, 10] and all(map(math.isfinite, d.iwelbo.values()))
+    d = Diagnosis.from_log_weights(torch.randn(50), {"mu": torch.randn(50)})
+    assert list(d.iwelbo) == [1, 10] and all(map(math.isfinite, d.iwelbo.values()))
+
+
 def test_summary_and_dict():
     d = diagnose(model, normal_guide(model, POST_MEAN, 0.3 * POST_SD), X, num_samples=1000)
     text = str(d)
