@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["AutoFlowGuide"]
 
+import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 
@@ -57,6 +58,38 @@ def _as_lazy_transform(flow: object, features: int) -> LazyTransform:
         f"flow({features}) returned {type(flow).__name__}; expected a zuko Flow, a zuko "
         "LazyTransform or a torch Transform of vectors."
     )
+
+
+class _ModelRef(tuple):
+    r"""A guide's reference to its model, ``(model,)``, that survives copies.
+
+    Pyro's guides drop their model when they are pickled or deep-copied (a closure does not
+    pickle), from the original guide too, and can then no longer trace it. This reference is
+    shared by deep copies, and pickled where the model pickles (a module-level function);
+    else the unpickled guide holds ``(None,)``.
+    """
+
+    def __deepcopy__(self, memo: dict) -> _ModelRef:
+        return self
+
+    def __reduce__(self) -> tuple:
+        try:
+            pickle.dumps(self[0])
+        except (pickle.PicklingError, AttributeError, TypeError):
+            return _ModelRef, ((None,),)
+        return _ModelRef, (tuple(self),)
+
+
+def _required(ref: _ModelRef) -> Callable[..., object]:
+    if ref[0] is None:
+        raise ValueError(
+            "This guide was unpickled without its model, which does not pickle (a local "
+            "function or a lambda), and it needs the model here (set-up, supports that "
+            "depend on other latents, data of a new shape). Define the model at module "
+            "level, or build a new AutoFlowGuide of the model and load this guide's "
+            "state_dict() into it."
+        )
+    return ref[0]
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -142,7 +175,8 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
         super().__init__(model, init_loc_fn=init_loc_fn)
-        self._user_model = (model,)
+        self._model = _ModelRef(self._model)  # wrapped in init_loc_fn by AutoContinuous
+        self._user_model = _ModelRef((model,))
         self.init_scale = float(init_scale)
         self.flow_name = flow if isinstance(flow, str) else None
         self._flow_factory = FLOWS[flow] if isinstance(flow, str) else flow
@@ -155,9 +189,16 @@ class AutoFlowGuide(AutoContinuous):
     def __getstate__(self) -> dict:
         if hasattr(self, "_packing"):
             self._packing.unbind()  # views are rebound at the next use
-        state = super().__getstate__()
-        state["_user_model"] = None
+        model = self._model
+        state = super().__getstate__()  # Pyro's drops the model, from this guide too
+        self._model = state["_model"] = model
         return state
+
+    @property
+    def model(self) -> Callable[..., object]:
+        r"""The model, as traced at set-up (inside ``init_loc_fn``)."""
+
+        return _required(self._model)
 
     @property
     def flow_config(self) -> dict[str, object]:
@@ -171,7 +212,7 @@ class AutoFlowGuide(AutoContinuous):
     # Set-up -----------------------------------------------------------------------------
 
     def _setup_prototype(self, *args: object, **kwargs: object) -> None:
-        model = self._user_model[0]
+        model = _required(self._user_model)
         try:
             # AutoContinuous's own set-up maps supports with torch's biject_to only.
             super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
@@ -345,7 +386,7 @@ class AutoFlowGuide(AutoContinuous):
         if self._dependent_sites:
             unconstrained = {site["name"]: u for site, u in self._unpack_latent(latent)}
             with poutine.block(), ConstrainMessenger(unconstrained) as messenger:
-                self._user_model[0](*args, **kwargs)
+                _required(self._user_model)(*args, **kwargs)
             for name, (value, ladj) in messenger.values.items():
                 yield name, value, -ladj if compute_density else 0.0
             return

@@ -180,6 +180,33 @@ def test_copy_and_pickle():
         torch.testing.assert_close(clone.get_posterior().log_prob(z), expected)
 
 
+def test_copies_keep_the_model():
+    # Pyro's guides drop their model when pickled or deep-copied, from the original too: the
+    # check of data of another size then failed with "'NoneType' object is not subscriptable".
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+    copied, unpickled = copy.deepcopy(guide), pickle.loads(pickle.dumps(guide))
+    for clone in (guide, copied, unpickled):
+        samples = Predictive(model, guide=clone, num_samples=2)(*data(20))
+        assert samples["y"].shape == (2, 20)
+
+
+def test_copies_of_a_guide_with_dependent_supports():
+    def triangle():  # a closure: deep copies share it, pickles cannot keep it
+        a = pyro.sample("a", dist.Uniform(0.0, 1.0))
+        pyro.sample("b", dist.Uniform(0.0, 1.0 - a))
+
+    guide = AutoFlowGuide(triangle)
+    guide()
+    unpickled = pickle.loads(pickle.dumps(guide))
+    for clone in (copy.deepcopy(guide), guide):
+        draws = clone()
+        assert 0 < draws["b"] < 1 - draws["a"]
+    with pytest.raises(ValueError, match="unpickled without its model"):
+        unpickled()
+
+
 def test_get_transform_matches_sampling_and_runs_neutra():
     x, y = data()
     guide = AutoFlowGuide(model)
