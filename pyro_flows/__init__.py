@@ -11,6 +11,7 @@ from .guard import NonFiniteLossError
 from .guides import AutoFlowGuide
 from .importance import ImportanceWeights, log_importance_weights
 from .initialization import init_to_median_or_feasible
+from .laplace import LaplaceStart, laplace_start
 
 __all__ = [
     "FLOWS",
@@ -18,11 +19,13 @@ __all__ = [
     "Diagnosis",
     "FitResult",
     "ImportanceWeights",
+    "LaplaceStart",
     "NonFiniteLossError",
     "__version__",
     "diagnose",
     "fit",
     "init_to_median_or_feasible",
+    "laplace_start",
     "log_importance_weights",
     "to_inference_data",
 ]

@@ -13,6 +13,7 @@ __all__ = [
 ]
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -120,6 +121,7 @@ def inspect(
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         model_trace, guide_trace = traces(model, guide, args, kwargs)
     _check_guided(model_trace, guide_trace)
+    _warn_masked(model_trace)
     return _structure(model_trace, guide_trace, max_plate_nesting)
 
 
@@ -154,6 +156,30 @@ def inspect_values(
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         model_trace = trace(poutine.replay(model, trace=given), args, kwargs)
     return _structure(model_trace, given, max_plate_nesting)
+
+
+def _warn_masked(model_trace: Trace) -> None:
+    r"""Warns about latent sites with entries the model masks out (``obs_mask``,
+    ``poutine.mask``).
+
+    The model gives those entries no density: nothing holds the guide's draws of them (their
+    scale grows as the fit goes on), yet they count in the importance weights.
+    """
+    for name, site in samples(model_trace):
+        mask = site["mask"]
+        if site["is_observed"] or mask is None:
+            continue
+        mask = torch.broadcast_to(torch.as_tensor(mask), site["fn"].batch_shape)
+        if not mask.all():
+            warnings.warn(
+                f"The model masks out {int((~mask).sum())} of {mask.numel()} entries of latent "
+                f"site {name!r} (obs_mask or poutine.mask): it gives them no density, so the fit "
+                "leaves the guide's draws of them free (their scale grows with the steps), yet "
+                "they count in the importance weights, k-hat and verdict. To judge the guide "
+                "on the rest, make only those entries latent: the missing data as a site of "
+                "its own, in a plate over the missing indices.",
+                stacklevel=4,
+            )
 
 
 def _structure(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int | None) -> Structure:

@@ -268,6 +268,26 @@ def test_masked_observations_have_zero_log_likelihood():
         assert ll[draw].sum() == pytest.approx(trace.nodes["y"]["log_prob"].sum().item())
 
 
+def test_latent_site_with_masked_entries_is_named():
+    # obs_mask makes "y_unobserved" latent in every entry, with no density where y is
+    # observed: AutoNormal's scale there grows with the steps and the weights see it
+    mask = torch.tensor([True, False, True, True])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+    guide = AutoNormal(model)
+    guide(Y[:4])
+    match = "masks out 3 of 4 entries of latent site 'y_unobserved'"
+    with pytest.warns(UserWarning, match=match):
+        idata = to_inference_data(guide, Y[:4], num_samples=6)
+    assert idata.log_likelihood["y_observed"].shape == (1, 6, 4)
+    with pytest.warns(UserWarning, match=match):
+        diagnose(model, guide, Y[:4], num_samples=6)
+
+
 def test_log_q_is_the_guide_density_in_the_constrained_space():
     # For AutoMultivariateNormal, q(mu, tau, eta) = N(mu, log tau, eta) / tau.
     guide, args = fitted("eight_schools", "AutoMultivariateNormal")

@@ -1,0 +1,230 @@
+r"""A start for a guide at the posterior mode, with scales from the Hessian there."""
+
+from __future__ import annotations
+
+__all__ = ["LaplaceStart", "laplace_start"]
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import init_to_value
+from torch import Tensor
+
+from .guides import AutoFlowGuide
+from .initialization import init_to_median_or_feasible
+
+
+@dataclass(frozen=True)
+class LaplaceStart:
+    r"""The mode of a model's posterior and the scales of a Gaussian around it.
+
+    Both are in the coordinates that :class:`~pyro_flows.AutoFlowGuide` works in: the mode
+    maximizes the log joint density of the unconstrained latents (log-Jacobians included).
+    With :math:`H` the negative Hessian there (the precision of the Laplace approximation),
+    ``scales`` holds :math:`1 / \sqrt{H_{ii}}` for every unconstrained coordinate: the sds
+    of the diagonal Gaussian closest to the Laplace approximation in :math:`KL(q \| p)`,
+    which is what a mean-field guide converges to on a Gaussian posterior. Where latents are
+    correlated these are smaller than the marginal sds (by :math:`\sqrt{1 - \rho^2}` for
+    two coordinates of correlation :math:`\rho`): the guide starts inside the posterior and
+    the flow learns the correlations from there.
+
+    Arguments:
+        values: The mode, per site, in the site's support (constrained).
+        scales: :math:`1 / \sqrt{H_{ii}}` for every unconstrained coordinate, per site,
+            shaped as the site's unconstrained value.
+        log_density: The unnormalized log density of the unconstrained latents at the mode.
+        iterations: The L-BFGS iterations that found the mode.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> start = laplace_start(model, torch.tensor([0.5, 1.5]))
+        >>> guide = AutoFlowGuide(model, init_loc_fn=start.init_loc_fn, init_scale=start.scales)
+    """
+
+    values: dict[str, Tensor]
+    scales: dict[str, Tensor]
+    log_density: float
+    iterations: int
+
+    @property
+    def init_loc_fn(self) -> Callable[[dict], Tensor]:
+        r"""Pyro's ``init_to_value`` at the mode, for any guide's ``init_loc_fn``."""
+
+        return init_to_value(values=self.values, fallback=init_to_median_or_feasible)
+
+
+def laplace_start(
+    model: Callable[..., object],
+    *args: object,
+    init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
+    max_iterations: int = 1000,
+    **kwargs: object,
+) -> LaplaceStart:
+    r"""Finds the posterior mode and the scales around it, as a start for a guide.
+
+    A guide started at the prior's median with scale 0.1 needs many steps when the posterior
+    is far from the prior's centre or much narrower than 0.1 (regressions on unscaled
+    predictors: posterior sds of 0.001 are common). This finds the mode of the log joint
+    density of the unconstrained latents with L-BFGS (strong Wolfe line search) from
+    ``init_loc_fn``'s point, and the scales of the mean-field Gaussian closest to the
+    Laplace approximation there (see :class:`LaplaceStart`). Pass ``start.init_loc_fn`` and
+    ``start.scales`` to
+    :class:`~pyro_flows.AutoFlowGuide` (``init_loc_fn``, ``init_scale``); the flow then
+    starts as that Gaussian and learns the rest.
+
+    The Hessian is :math:`D \times D` and costs :math:`D` backward passes, so this suits
+    models up to a few thousand latent dimensions. The model must be deterministic given
+    its latents (no subsampling) and have a strict maximum: a posterior without a mode (a
+    funnel, a flat direction) raises a ``ValueError``.
+
+    Arguments:
+        model: A Pyro model.
+        args: The model's positional arguments.
+        init_loc_fn: Where the search starts (any Pyro init strategy).
+        max_iterations: The most L-BFGS iterations.
+        kwargs: The model's keyword arguments.
+
+    Returns:
+        The mode and the scales.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> start = laplace_start(model, torch.tensor([0.5, 1.5]))
+        >>> start.values["mu"], start.scales["mu"]  # the posterior's mean and sd here
+        (tensor(0.9950), tensor(0.7053))
+    """
+
+    if not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"max_iterations={max_iterations!r}: use a positive int.")
+    guide = AutoFlowGuide(model, init_loc_fn=init_loc_fn)
+    guide._setup_prototype(*args, **kwargs)
+
+    def negative_log_density(z: Tensor) -> Tensor:
+        return -_log_density(guide, model, z, args, kwargs)
+
+    z = guide._init_loc().detach().clone().requires_grad_()
+    _check_deterministic(negative_log_density, z)
+    iterations, exhausted = _maximize(negative_log_density, z, max_iterations)
+    mode = z.detach()
+    hessian = torch.autograd.functional.hessian(negative_log_density, mode)
+    cholesky = _cholesky(guide, hessian, exhausted)
+    _check_stationary(negative_log_density, mode, cholesky, iterations)
+    scales = hessian.diagonal().rsqrt()
+    with torch.no_grad():
+        values = {name: value for name, value, _ in guide._constrain(mode, *args, **kwargs)}
+        log_density = float(-negative_log_density(mode))
+    per_site = {site["name"]: scale for site, scale in guide._unpack_latent(scales)}
+    return LaplaceStart(values, per_site, log_density, iterations)
+
+
+def _log_density(
+    guide: AutoFlowGuide, model: Callable, z: Tensor, args: tuple, kwargs: dict
+) -> Tensor:
+    values, log_jacobian = {}, z.new_zeros(())
+    for name, value, log_density in guide._constrain(z, *args, **kwargs):
+        values[name] = value
+        log_jacobian = log_jacobian - log_density  # the guide's density is -log|J|
+    trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
+    return trace.log_prob_sum() + log_jacobian
+
+
+def _check_deterministic(objective: Callable[[Tensor], Tensor], z: Tensor) -> None:
+    with torch.no_grad():
+        first, second = float(objective(z)), float(objective(z))
+    if not math.isfinite(first):
+        raise ValueError(
+            "The model's log density is not finite at the starting point: pass an init_loc_fn "
+            "that starts inside the posterior's support."
+        )
+    if first != second:
+        raise ValueError(
+            "The model's log density changes between two evaluations at the same latent "
+            "values (a subsampled pyro.plate, or randomness outside sample sites): a mode "
+            "needs a deterministic density. Pass the full data without subsample_size."
+        )
+
+
+def _maximize(
+    objective: Callable[[Tensor], Tensor], z: Tensor, max_iterations: int
+) -> tuple[int, bool]:
+    r"""Runs L-BFGS on ``z`` in place; returns its iterations and whether it ran out of them
+    (or of function evaluations, 1.25 per iteration) rather than converging."""
+
+    optimizer = torch.optim.LBFGS(
+        [z],
+        lr=1.0,
+        max_iter=max_iterations,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        loss = objective(z)
+        (z.grad,) = torch.autograd.grad(loss, z)
+        return loss.detach()
+
+    optimizer.step(closure)
+    loss = objective(z)
+    (gradient,) = torch.autograd.grad(loss, z)
+    loss = loss.detach()
+    if not (torch.isfinite(z).all() and torch.isfinite(loss) and torch.isfinite(gradient).all()):
+        raise ValueError(
+            "The search for the posterior's mode left the region where the log density is "
+            "finite: the posterior may have no mode (a funnel, an improper posterior). Start "
+            "the guide at the default point instead."
+        )
+    state = optimizer.state[z]
+    budget = optimizer.defaults
+    exhausted = state["n_iter"] >= budget["max_iter"] or state["func_evals"] >= budget["max_eval"]
+    return int(state["n_iter"]), bool(exhausted)
+
+
+def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool) -> Tensor:
+    cholesky, info = torch.linalg.cholesky_ex(hessian)
+    if info == 0 and torch.isfinite(hessian).all():
+        return cholesky
+    if exhausted:
+        raise ValueError(
+            "L-BFGS used all its iterations without reaching a maximum of the log density "
+            "(its Hessian at the last point is not negative definite): raise max_iterations."
+        )
+    flat = torch.diagonal(hessian) <= 0
+    sites = [site["name"] for site, bad in guide._unpack_latent(flat) if bad.any()]
+    where = f" (not curved down along sites {sites})" if sites else ""
+    raise ValueError(
+        "The log density at the point found is not a strict maximum: its Hessian is not "
+        f"negative definite{where}. The posterior may have no mode (a funnel, a flat or "
+        "improper direction). Start the guide at the default point instead."
+    )
+
+
+def _check_stationary(
+    objective: Callable[[Tensor], Tensor], z: Tensor, cholesky: Tensor, iterations: int
+) -> None:
+    # The Newton step from z, in the Laplace approximation's sds along it (the step's
+    # Mahalanobis length): scale-free, and
+    # unlike the gradient's norm not fooled by float32 rounding on sharp posteriors.
+    point = z.detach().requires_grad_()
+    (gradient,) = torch.autograd.grad(objective(point), point)
+    step = torch.cholesky_solve(gradient.unsqueeze(-1), cholesky).squeeze(-1)
+    distance = float(torch.dot(gradient, step).clamp(min=0).sqrt())
+    if distance > 0.1:
+        warnings.warn(
+            f"L-BFGS stopped after {iterations} iterations {distance:.2g} Laplace sds from "
+            "where a Newton step puts the mode: the scales may be off. Raise max_iterations.",
+            stacklevel=3,
+        )
