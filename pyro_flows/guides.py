@@ -23,6 +23,7 @@ from zuko.transforms import ComposedTransform
 
 from ._data_checks import check_data
 from ._guide_checks import check_flow, check_subsampled_latents, raise_helpful_setup_error
+from ._init_scale import check_init_scale, init_scale_vector
 from .distributions import FlowPosterior
 from .flows import FLOWS, fan_in_multipliers
 from .initialization import init_to_median_or_feasible
@@ -131,7 +132,10 @@ class AutoFlowGuide(AutoContinuous):
             :math:`\epsilon`. A callable's flow should start as the identity for the step-0
             guarantee above (see :func:`~pyro_flows.flows.identity_init_`).
         init_loc_fn: A per-site initialization function (as in Pyro's autoguides).
-        init_scale: The initial scale :math:`\sigma` of every coordinate.
+        init_scale: The initial scale :math:`\sigma` of every unconstrained coordinate, or a
+            dict from site names to scales (a number, or a tensor that broadcasts to the
+            site's unconstrained shape; sites left out get 0.1), e.g. the ``scales`` of
+            :func:`~pyro_flows.laplace_start`.
         stl: Whether to use the "sticking the landing" gradient (the guide's log-density is
             computed with stopped-gradient parameters).
         num_quantile_samples: The number of draws behind :meth:`median` and
@@ -159,25 +163,19 @@ class AutoFlowGuide(AutoContinuous):
         *,
         flow: str | Callable[[int], object] = "iaf",
         init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
-        init_scale: float = 0.1,
+        init_scale: float | Mapping[str, float | Tensor] = 0.1,
         stl: bool = False,
         num_quantile_samples: int = 4096,
         **flow_options: object,
     ) -> None:
-        if isinstance(init_scale, bool) or not isinstance(init_scale, int | float):
-            raise TypeError(f"init_scale must be a positive number, got {init_scale!r}.")
-        if not init_scale > 0 or init_scale == float("inf"):
-            raise ValueError(
-                f"init_scale={init_scale!r}: the initial scale must be positive and finite "
-                "(AutoNormal's default is 0.1)."
-            )
+        init_scale = check_init_scale(init_scale)
         if not isinstance(num_quantile_samples, int) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._model = _ModelRef(self._model)  # wrapped in init_loc_fn by AutoContinuous
         self._user_model = _ModelRef((model,))
-        self.init_scale = float(init_scale)
+        self.init_scale = init_scale
         self.flow_name = flow if isinstance(flow, str) else None
         self._flow_factory = FLOWS[flow] if isinstance(flow, str) else flow
         self.flow_options = dict(flow_options)
@@ -207,7 +205,8 @@ class AutoFlowGuide(AutoContinuous):
         name = self.flow_name
         if name is None:
             name = getattr(self._flow_factory, "__name__", type(self._flow_factory).__name__)
-        return {"flow": name, **self.flow_options, "init_scale": self.init_scale, "stl": self.stl}
+        init_scale = self.init_scale if isinstance(self.init_scale, float) else "per site"
+        return {"flow": name, **self.flow_options, "init_scale": init_scale, "stl": self.stl}
 
     # Set-up -----------------------------------------------------------------------------
 
@@ -259,7 +258,8 @@ class AutoFlowGuide(AutoContinuous):
                     "(unconstrained value not finite): pass an init_loc_fn that returns a "
                     "value strictly inside the support."
                 )
-        self._build_parameters(init_loc, torch.full_like(init_loc, self.init_scale))
+        scale = init_scale_vector(self.init_scale, self._unconstrained_shapes, init_loc)
+        self._build_parameters(init_loc, scale)
 
     def _setup_latent_shapes(self) -> None:
         self._unconstrained_shapes, self._cond_indep_stacks = {}, {}
