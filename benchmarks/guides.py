@@ -1,10 +1,16 @@
-"""The guides compared by the benchmark: a dict of named constructors `model -> guide`."""
+"""The guides compared by the benchmark: a dict of named constructors `model -> guide`.
+
+Each also takes `start=`, a `pyro_flows.LaplaceStart` (`--start laplace`): the guide starts at
+its mode, with its scale per coordinate where the guide has one (`AutoNormal`,
+`AutoMultivariateNormal`, `AutoFlowGuide`); Pyro's flows ignore both.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from pyro.distributions.transforms import iterated, spline_autoregressive
 from pyro.infer.autoguide import (
     AutoIAFNormal,
@@ -13,8 +19,10 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
 )
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroParam
 
-from pyro_flows import AutoFlowGuide, init_to_median_or_feasible
+from pyro_flows import AutoFlowGuide, LaplaceStart, init_to_median_or_feasible
 
 # Every guide starts from the same point: Pyro's default `init_to_median`, falling back to a
 # feasible point for flat improper priors (where Pyro's own strategies fail). Pyro's flows
@@ -23,36 +31,72 @@ INIT = init_to_median_or_feasible
 PYRO_FLOW_LAYERS = 3
 
 
-def _with_init(model: Callable) -> Callable:
-    return InitMessenger(INIT)(model)
+def _with_init(model: Callable, start: LaplaceStart | None = None) -> Callable:
+    return InitMessenger(INIT if start is None else start.init_loc_fn)(model)
 
 
-def auto_normal(model: Callable) -> AutoNormal:
+class _AutoNormalFrom(AutoNormal):
+    """`AutoNormal` with a scale per coordinate at set-up (its `init_scale` is one number)."""
+
+    def __init__(self, model: Callable, start: LaplaceStart) -> None:
+        super().__init__(model, init_loc_fn=start.init_loc_fn)
+        self._start_scales = start.scales
+
+    def _setup_prototype(self, *args: object, **kwargs: object) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        for name, scale in self._start_scales.items():
+            param = PyroParam(scale.clone(), self.scale_constraint, self._event_dims[name])
+            deep_setattr(self.scales, name, param)
+
+
+class _AutoMultivariateNormalFrom(AutoMultivariateNormal):
+    """`AutoMultivariateNormal` with a scale per coordinate at set-up."""
+
+    def __init__(self, model: Callable, start: LaplaceStart) -> None:
+        super().__init__(model, init_loc_fn=start.init_loc_fn)
+        self._start_scales = start.scales
+
+    def _setup_prototype(self, *args: object, **kwargs: object) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
+        scale = torch.cat([self._start_scales[name].reshape(-1) for name in names])
+        self.scale = PyroParam(scale.to(self.loc), self.scale_constraint)
+
+
+def auto_normal(model: Callable, start: LaplaceStart | None = None) -> AutoNormal:
     r"""Pyro's mean-field `AutoNormal`."""
+    if start is not None:
+        return _AutoNormalFrom(model, start)
     return AutoNormal(model, init_loc_fn=INIT)
 
 
-def auto_mvn(model: Callable) -> AutoMultivariateNormal:
+def auto_mvn(model: Callable, start: LaplaceStart | None = None) -> AutoMultivariateNormal:
     r"""Pyro's full-rank Gaussian `AutoMultivariateNormal`."""
+    if start is not None:
+        return _AutoMultivariateNormalFrom(model, start)
     return AutoMultivariateNormal(model, init_loc_fn=INIT)
 
 
-def auto_iaf(model: Callable) -> AutoIAFNormal:
+def auto_iaf(model: Callable, start: LaplaceStart | None = None) -> AutoIAFNormal:
     r"""Pyro's `AutoIAFNormal` with its defaults (one affine autoregressive layer)."""
-    return AutoIAFNormal(_with_init(model))
+    return AutoIAFNormal(_with_init(model, start))
 
 
-def auto_spline(model: Callable) -> AutoNormalizingFlow:
+def auto_spline(model: Callable, start: LaplaceStart | None = None) -> AutoNormalizingFlow:
     r"""Pyro's `AutoNormalizingFlow` with 3 autoregressive rational-quadratic spline layers."""
     transform = partial(iterated, PYRO_FLOW_LAYERS, spline_autoregressive)
-    return AutoNormalizingFlow(_with_init(model), transform)
+    return AutoNormalizingFlow(_with_init(model, start), transform)
 
 
-def flow_guide(flow: str, stl: bool = False) -> Callable[[Callable], AutoFlowGuide]:
+def flow_guide(flow: str, stl: bool = False) -> Callable[..., AutoFlowGuide]:
     r"""Returns a constructor of `pyro_flows.AutoFlowGuide` with a named flow family."""
 
-    def build(model: Callable) -> AutoFlowGuide:
-        return AutoFlowGuide(model, flow=flow, stl=stl)
+    def build(model: Callable, start: LaplaceStart | None = None) -> AutoFlowGuide:
+        if start is None:
+            return AutoFlowGuide(model, flow=flow, stl=stl)
+        return AutoFlowGuide(
+            model, flow=flow, stl=stl, init_loc_fn=start.init_loc_fn, init_scale=start.scales
+        )
 
     build.__doc__ = (
         f"pyro-flows' AutoFlowGuide, flow={flow!r}, stl={stl}, other options at defaults."

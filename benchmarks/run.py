@@ -4,6 +4,7 @@ Usage:
     python -m benchmarks.run --quick          # about 2 minutes: 3 targets, 1 seed, 1,000 steps
     python -m benchmarks.run                  # full: every target, 3 seeds, 5,000 steps
     python -m benchmarks.run --targets banana --guides AutoNormal "AutoFlowGuide(iaf)"
+    python -m benchmarks.run --start laplace --targets sblri-blr --out benchmarks/results/laplace
 
 Writes `results.json` (every seed), `results.md` (medians over seeds) and plots under
 `--out` (default `benchmarks/results`, or `benchmarks/results/tmp/quick` in quick mode).
@@ -18,6 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import pyro
@@ -27,6 +29,7 @@ from . import report
 from .draws import scalar_columns
 from .fitting import Fit, Recipe, fit_guide
 from .guides import GUIDES
+from .laplace_start import find_start
 from .targets import TARGETS, load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, help="guide draws for ELBO, k-hat and marginals")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    parser.add_argument(
+        "--start",
+        choices=("prior", "laplace"),
+        default="prior",
+        help="start every guide at the prior median (default) or at pyro_flows.laplace_start",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -70,14 +79,17 @@ def warm_up(guides: list[str]) -> None:
         fit_guide(banana, GUIDES[name], Recipe(steps=WARMUP_STEPS, draws=200), seed=0)
 
 
-def run_target(target, guides: list[str], recipe: Recipe, seeds: int) -> tuple[list, dict, dict]:
+def run_target(
+    target, guides: list[str], recipe: Recipe, seeds: int, start: object = None
+) -> tuple[list, dict, dict]:
     r"""Fits every guide for every seed; returns results, first-seed draws and ELBO traces."""
     results, columns, traces = [], {}, {}
     for seed in range(seeds):
         for name in guides:
-            start = time.perf_counter()
+            build = GUIDES[name] if start is None else partial(GUIDES[name], start=start)
+            began = time.perf_counter()
             try:
-                fit = fit_guide(target, GUIDES[name], recipe, seed)
+                fit = fit_guide(target, build, recipe, seed)
             except Exception as error:  # a guide that cannot fit this target is a result
                 traceback.print_exc(limit=3)
                 fit = Fit({"seed": seed, "error": f"{type(error).__name__}: {error}"}, {}, [])
@@ -85,7 +97,7 @@ def run_target(target, guides: list[str], recipe: Recipe, seeds: int) -> tuple[l
             results.append(result)
             if seed == 0:
                 columns[name], traces[name] = fit.columns, fit.elbo_trace
-            _progress(result, time.perf_counter() - start)
+            _progress(result, time.perf_counter() - began)
     return results, columns, traces
 
 
@@ -129,6 +141,7 @@ def write(
         "versions": {"python": platform.python_version(), "torch": torch.__version__}
         | {"pyro": pyro.__version__},
         "threads": torch.get_num_threads(),
+        "start": args.start,
     }
     report.write_json(results, settings, args.out / "results.json")
     header = (
@@ -138,6 +151,11 @@ def write(
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, pyro "
         f"{pyro.__version__}."
     )
+    if args.start == "laplace":
+        header += (
+            " Every guide starts at `pyro_flows.laplace_start`'s mode, with its scales where "
+            "the guide takes one per coordinate (not Pyro's flows)."
+        )
     (args.out / "results.md").write_text(report.markdown(results, descriptions, header))
 
 
@@ -154,9 +172,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         target = load_target(name)
         if target is None:
             continue
+        start = None
+        if args.start == "laplace":
+            start = find_start(target)
+            if start is None:
+                continue
         print(f"{name}: {target.description}", flush=True)
         descriptions[name] = target.description
-        found, columns, traces = run_target(target, args.guides, recipe, args.seeds)
+        found, columns, traces = run_target(target, args.guides, recipe, args.seeds, start)
         results += found
         if not args.no_plots:
             reference = scalar_columns(target.reference(None, seed=10_000))

@@ -177,16 +177,20 @@ def _maximize(
         (z.grad,) = torch.autograd.grad(loss, z)
         return loss.detach()
 
-    optimizer.step(closure)
-    loss = objective(z)
+    message = (
+        "The search for the posterior's mode left the region where the log density is "
+        "finite: the posterior may have no mode (a funnel, an improper posterior). Start "
+        "the guide at the default point instead."
+    )
+    try:
+        optimizer.step(closure)
+        loss = objective(z)
+    except ValueError as error:  # a distribution's validation of a non-finite parameter
+        raise ValueError(f"{message}\n{error}") from error
     (gradient,) = torch.autograd.grad(loss, z)
     loss = loss.detach()
     if not (torch.isfinite(z).all() and torch.isfinite(loss) and torch.isfinite(gradient).all()):
-        raise ValueError(
-            "The search for the posterior's mode left the region where the log density is "
-            "finite: the posterior may have no mode (a funnel, an improper posterior). Start "
-            "the guide at the default point instead."
-        )
+        raise ValueError(message)
     state = optimizer.state[z]
     budget = optimizer.defaults
     exhausted = state["n_iter"] >= budget["max_iter"] or state["func_evals"] >= budget["max_eval"]

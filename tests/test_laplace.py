@@ -126,6 +126,15 @@ def test_no_mode_is_refused():
         laplace_start(model)
 
 
+def test_a_funnel_has_no_mode():
+    def funnel():
+        y = pyro.sample("y", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(y / 2)).expand([9]).to_event(1))
+
+    with pytest.raises(ValueError, match="left the region where the log density is finite"):
+        laplace_start(funnel)
+
+
 def test_subsampled_density_is_refused():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
