@@ -23,8 +23,10 @@ import torch
 from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine import Trace
+from pyro.poutine.guide import GuideMessenger
 from torch import Size, Tensor
 
 from ._replay import samples, to_draws, trace, traces, values_trace
@@ -116,8 +118,16 @@ def inspect(
     r"""Replays the model on one guide draw, without consuming the global random stream.
 
     Raises a :py:`ValueError` if a plate subsamples (draws are scored on the whole data), or
-    if the guide does not sample a latent site of the model.
+    if the guide does not sample a latent site of the model; a :py:`TypeError` if the model
+    is a guide (the two swapped).
     """
+    if isinstance(model, (AutoGuide, GuideMessenger)):
+        raise TypeError(
+            f"The model is a {type(model).__name__}, a guide: the model and guide are swapped. "
+            "diagnose and log_importance_weights take the model first, then the guide (as "
+            "SVI(model, guide, ...)); to_inference_data takes the guide first, and model= for "
+            "the model."
+        )
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         model_trace, guide_trace = traces(model, guide, args, kwargs)
     _check_guided(model_trace, guide_trace)

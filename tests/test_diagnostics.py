@@ -308,6 +308,15 @@ def test_point_estimate_with_rounding_noise_is_not_trusted():
     assert d.verdict == "do not trust" and "AutoDelta" in d.reason
 
 
+def test_swapped_model_and_guide():
+    # diagnose(guide, model, ...) ran, warned that the model does not broadcast and gave a
+    # verdict on the prior scored by the guide
+    guide = AutoNormal(model)
+    guide(X)
+    with pytest.raises(TypeError, match="AutoNormal, a guide: the model and guide are swapped"):
+        diagnose(guide, model, X, num_samples=10)
+
+
 def test_subsampling_is_refused():
     def model_subsampled(x):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
