@@ -148,6 +148,11 @@ def verdict(
             "every draw of the guide is the same point (a point estimate such as AutoDelta): "
             "it is not a posterior approximation, and importance weights cannot judge it."
         )
+    if math.isnan(khat) and np.isneginf(lw).all():
+        return DISTRUST, (
+            f"all {len(lw)} log weights are -inf: every draw falls where the model's density is "
+            "zero; the guide's mass lies outside the model's support."
+        )
     if math.isnan(khat):
         sites = ", ".join(f"{name!r} ({count} values)" for name, count in nonfinite.items())
         where = f" at sites {sites}" if sites else ""

@@ -226,6 +226,21 @@ def test_zero_density_draws():
     assert (d.resample()["mu"] > 0).all()  # zero-weight draws are never resampled
 
 
+def test_every_draw_of_zero_density():
+    # the reason said "0 of 100 log weights are NaN or +inf"
+    def model_positive(x):
+        mu = pyro.sample("mu", dist.HalfNormal(1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):  # all its mass on mu < 0
+        pyro.sample("mu", dist.Normal(-10.0, 0.1))
+
+    with pyro.validation_enabled(False):
+        d = diagnose(model_positive, guide, X, num_samples=100)
+    assert d.verdict == "do not trust" and "all 100 log weights are -inf" in d.reason
+
+
 GUIDES = {
     "AutoNormal": AutoNormal,
     "AutoDiagonalNormal": AutoDiagonalNormal,
