@@ -135,7 +135,8 @@ def _log_density(
     values, log_jacobian = {}, z.new_zeros(())
     for name, value, log_density in guide._constrain(z, *args, **kwargs):
         values[name] = value
-        log_jacobian = log_jacobian - log_density  # the guide's density is -log|J|
+        # The guide's density is -log|J|, per element of the site's plates.
+        log_jacobian = log_jacobian - torch.as_tensor(log_density).sum()
     trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
     return trace.log_prob_sum() + log_jacobian
 

@@ -107,6 +107,29 @@ def test_a_narrow_posterior_is_fitted_from_the_laplace_start():
     assert (ratios["default"] > 5).all(), ratios["default"]
 
 
+def test_latents_in_plates():
+    # Eight schools, centred, with tau fixed: theta | y is Gaussian per school, and a positive
+    # site in a plate (a per-school noise scale with a LogNormal prior and no data) has its
+    # mode and curvature in closed form: log s ~ Normal(0, 1), so mode 0 and scale 1.
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def model():
+        with pyro.plate("school", 8):
+            theta = pyro.sample("theta", dist.Normal(5.0, 10.0))
+            pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    start = laplace_start(model)
+    precision = 1 / 100 + 1 / sigma**2
+    # In float32, L-BFGS stops within 0.01 sd of the mode (measured: 0.002).
+    mean = (5 / 100 + y / sigma**2) / precision
+    assert ((start.values["theta"] - mean).abs() * precision.sqrt() < 0.01).all()
+    assert torch.allclose(start.scales["theta"], precision.rsqrt(), rtol=1e-4)
+    assert (start.values["s"].log().abs() < 0.01).all()  # sd 1: within 0.01 sd as above
+    assert torch.allclose(start.scales["s"], torch.ones(8), atol=1e-3)
+
+
 def test_dependent_supports():
     def model():
         a = pyro.sample("a", dist.Beta(2.0, 2.0))
