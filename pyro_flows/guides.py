@@ -16,6 +16,7 @@ from pyro.distributions import constraints
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.nn import PyroParam
+from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import AffineTransform, Transform
 from zuko.lazy import Flow, LazyTransform
@@ -23,6 +24,7 @@ from zuko.transforms import ComposedTransform
 
 from ._data_checks import check_data
 from ._guide_checks import check_flow, check_subsampled_latents, raise_helpful_setup_error
+from ._imputation import discarded_elements, scatter_live
 from ._init_scale import check_init_scale, init_scale_vector
 from .distributions import FlowPosterior
 from .flows import FLOWS, fan_in_multipliers
@@ -183,6 +185,7 @@ class AutoFlowGuide(AutoContinuous):
         self.num_quantile_samples = num_quantile_samples
         self.latent_dim = None
         self._dependent_sites: frozenset[str] = frozenset()
+        self._discarded: dict[str, Tensor] = {}
 
     def __getstate__(self) -> dict:
         if hasattr(self, "_packing"):
@@ -241,6 +244,7 @@ class AutoFlowGuide(AutoContinuous):
             name: site_bijection(site["fn"].support)
             for name, site in self.prototype_trace.iter_stochastic_nodes()
         }
+        self._hold_discarded_elements(trace)
         if "loc" in self._pyro_params:  # parameters loaded from a state dict
             loaded_dim = self.loc.shape[-1]
             if loaded_dim != self.latent_dim:
@@ -259,24 +263,71 @@ class AutoFlowGuide(AutoContinuous):
                     "value strictly inside the support."
                 )
         scale = init_scale_vector(self.init_scale, self._unconstrained_shapes, init_loc)
+        scale = self._live_coordinates(scale)
         self._build_parameters(init_loc, scale)
 
     def _setup_latent_shapes(self) -> None:
         self._unconstrained_shapes, self._cond_indep_stacks = {}, {}
+        self._live, self._fill, self._packed_sizes = {}, {}, {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             unconstrained = site_bijection(site["fn"].support).inv(site["value"])
             self._unconstrained_shapes[name] = unconstrained.shape
             self._cond_indep_stacks[name] = site["cond_indep_stack"]
-        self.latent_dim = sum(shape.numel() for shape in self._unconstrained_shapes.values())
+            self._packed_sizes[name] = unconstrained.numel()
+        self.latent_dim = sum(self._packed_sizes.values())
         if self.latent_dim == 0:
             raise RuntimeError("no latent elements")  # explained by _raise_helpful_setup_error
+
+    def _hold_discarded_elements(self, trace: Trace) -> None:
+        # Elements that obs_mask samples and the model throws away are held at the observed
+        # values, outside the packed latent (see pyro_flows._imputation).
+        found = discarded_elements(trace)
+        if sum(int(discarded.sum()) for discarded, _ in found.values()) >= self.latent_dim:
+            return  # nothing else to fit: keep them
+        for name, (discarded, data) in found.items():
+            fill = self._site_transforms[name].inv(data)
+            kept = ~discarded
+            kept = kept.reshape(kept.shape + (1,) * (fill.dim() - kept.dim()))
+            self._discarded[name] = discarded
+            self._live[name] = kept.expand(fill.shape)
+            self._fill[name] = fill.nan_to_num(0.0, 0.0, 0.0)  # data on the boundary
+            self._packed_sizes[name] = int(self._live[name].sum())
+        self.latent_dim = sum(self._packed_sizes.values())
 
     def _init_loc(self) -> Tensor:
         parts = [
             site_bijection(site["fn"].support).inv(site["value"].detach()).reshape(-1)
             for _, site in self.prototype_trace.iter_stochastic_nodes()
         ]
-        return torch.cat(parts)
+        return self._live_coordinates(torch.cat(parts))
+
+    def _live_coordinates(self, full: Tensor) -> Tensor:
+        # From a vector over every unconstrained element, the packed latent's coordinates.
+        if not self._live:
+            return full
+        parts = full.split([shape.numel() for shape in self._unconstrained_shapes.values()])
+        return torch.cat(
+            [
+                part[self._live[name].reshape(-1)] if name in self._live else part
+                for name, part in zip(self._unconstrained_shapes, parts, strict=True)
+            ]
+        )
+
+    def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
+        if not self._live:
+            yield from super()._unpack_latent(latent)
+            return
+        batch_shape, start = latent.shape[:-1], 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
+            full = torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
+            values = latent[..., start : start + self._packed_sizes[name]]
+            if name in self._live:
+                yield site, scatter_live(self._fill[name], self._live[name], values, full)
+            else:
+                yield site, values.reshape(full)
+            start += self._packed_sizes[name]
 
     def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
         flow = _as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
@@ -380,6 +431,15 @@ class AutoFlowGuide(AutoContinuous):
     # Sampling -------------------------------------------------------------------------------
 
     def _constrain(
+        self, latent: Tensor, *args: object, **kwargs: object
+    ) -> Iterator[tuple[str, Tensor, Tensor | float]]:
+        for name, value, log_density in self._constrain_sites(latent, *args, **kwargs):
+            if name in self._discarded and isinstance(log_density, Tensor):
+                # Elements held at a constant have no density.
+                log_density = log_density.masked_fill(self._discarded[name], 0.0)
+            yield name, value, log_density
+
+    def _constrain_sites(
         self, latent: Tensor, *args: object, **kwargs: object
     ) -> Iterator[tuple[str, Tensor, Tensor | float]]:
         compute_density = poutine.get_mask() is not False
