@@ -138,6 +138,10 @@ class AutoFlowGuide(AutoContinuous):
             dict from site names to scales (a number, or a tensor that broadcasts to the
             site's unconstrained shape; sites left out get 0.1), e.g. the ``scales`` of
             :func:`~pyro_flows.laplace_start`.
+        create_plates: As in Pyro's ``AutoNormal``: a function of the model's arguments that
+            returns the guide's plates (one or a list), e.g. subsampled ones. Latent sites in
+            subsampled plates are refused (see the errors), so this matters for the plates
+            of latent sites only.
         stl: Whether to use the "sticking the landing" gradient (the guide's log-density is
             computed with stopped-gradient parameters).
         num_quantile_samples: The number of draws behind :meth:`median` and
@@ -166,6 +170,7 @@ class AutoFlowGuide(AutoContinuous):
         flow: str | Callable[[int], object] = "iaf",
         init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
         init_scale: float | Mapping[str, float | Tensor] = 0.1,
+        create_plates: Callable[..., object] | None = None,
         stl: bool = False,
         num_quantile_samples: int = 4096,
         **flow_options: object,
@@ -175,6 +180,7 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self.create_plates = create_plates  # AutoContinuous does not pass it on
         self._model = _ModelRef(self._model)  # wrapped in init_loc_fn by AutoContinuous
         self._user_model = _ModelRef((model,))
         self.init_scale = init_scale

@@ -39,6 +39,24 @@ def test_subsampled_observations_with_global_latents_are_fine():
     assert set(AutoFlowGuide(model)(torch.zeros(100))) == {"mu"}
 
 
+def test_create_plates_as_in_autonormal():
+    # AutoNormal(model, create_plates=...) took it; AutoFlowGuide raised "Unknown option(s)
+    # ['create_plates'] for flow 'iaf'".
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 2):
+            pyro.sample("b", dist.Normal(mu, 1.0))
+        with pyro.plate("data", 100, subsample_size=10) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    def create_plates(y):
+        return [pyro.plate("data", 100, subsample_size=10), pyro.plate("groups", 2)]
+
+    guide = AutoFlowGuide(model, create_plates=create_plates)
+    assert guide(torch.zeros(100))["b"].shape == (2,)
+    assert set(guide.plates) == {"data", "groups"}
+
+
 def test_no_latent_sites():
     def model(y):
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
