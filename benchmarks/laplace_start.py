@@ -23,7 +23,8 @@ def find_start(target: Target) -> LaplaceStart | None:
     try:
         start = laplace_start(target.model, *target.args, init_loc_fn=INIT)
     except ValueError as error:
-        print(f"{target.name}: skipped, no Laplace start ({error})", flush=True)
+        reason = str(error).splitlines()[0]
+        print(f"{target.name}: skipped, no Laplace start ({reason})", flush=True)
         return None
     seconds = time.perf_counter() - began
     print(

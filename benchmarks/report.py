@@ -96,10 +96,51 @@ def goal_misses(target: str, guide: str, rows: dict[tuple[str, str], dict]) -> l
     return misses
 
 
-def markdown(results: list[dict], descriptions: dict[str, str], header: str) -> str:
-    r"""Returns the Markdown report: one table per target (medians over seeds) and the goals."""
+SUMMARY = [  # (key, title, format, marks the best guide as)
+    ("khat", "PSIS k̂ (lower is better; < 0.7 usable, < 0.5 good)", "{:.2f}", min),
+    ("elbo", "ELBO (higher is better)", "{:.2f}", max),
+    ("max_mean_error", "max \\|Δmean\\| / reference sd", "{:.2f}", min),
+    ("min_sd_ratio", "min sd ratio to the reference", "{:.2f}", None),
+    ("max_sd_ratio", "max sd ratio to the reference", "{:.2f}", None),
+    ("step_ratio", "time per step / AutoNormal's", "{:.2f}", None),
+]
+
+
+def summary(results: list[dict], targets: list[str]) -> str:
+    r"""Returns a Markdown grid per metric: targets by guides, medians over seeds, best bold."""
     rows = median_over_seeds(results)
-    lines = [header, ""]
+    guides = list(dict.fromkeys(g for (_, g) in rows))
+    lines = []
+    for key, title, fmt, best in SUMMARY:
+        lines += [f"### {title}", "", "| target | D | " + " | ".join(guides) + " |"]
+        lines.append("|---" * (len(guides) + 2) + "|")
+        for target in targets:
+            found = {g: rows[(target, g)] for g in guides if (target, g) in rows}
+            if not found:
+                continue
+            values = {g: r[key] for g, r in found.items() if not r["errors"]}
+            finite = [v for v in values.values() if np.isfinite(v)]
+            top = best(finite) if best and finite else None
+            cells = []
+            for g in guides:
+                text = _cell(values.get(g, math.nan), fmt)
+                cells.append(f"**{text}**" if top is not None and values.get(g) == top else text)
+            dim = next(iter(found.values()))["dim"]
+            lines.append(f"| {target} | {dim} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict], descriptions: dict[str, str], header: str) -> str:
+    r"""Returns the Markdown report: a summary, one table per target and the goals missed."""
+    rows = median_over_seeds(results)
+    lines = [
+        header,
+        "",
+        "## Summary (medians over seeds)",
+        "",
+        summary(results, list(descriptions)),
+    ]
     for target, description in descriptions.items():
         guides = [g for (t, g) in rows if t == target]
         if not guides:
@@ -149,10 +190,12 @@ def plot_marginals(target: str, reference: dict, fits: dict, path: Path) -> None
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(target, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    # Beside the panels, not over the first one.
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
