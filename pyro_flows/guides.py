@@ -121,9 +121,12 @@ class AutoFlowGuide(AutoContinuous):
     marginal quantiles; for multivariate supports (simplex, Cholesky factors, ...) they are
     the image of the unconstrained quantiles, as in Pyro's guides.
 
-    Default flow: ``"iaf"`` with 3 layers of (64, 64) hidden units. On the reference
-    posteriors (see the benchmark), it matched or beat the spline and coupling flows at
-    equal steps while being the cheapest per step.
+    Default flow: ``"iaf"`` with 3 layers of (64, 64) hidden units, chosen on the benchmark
+    (12 targets, 3 seeds, 5,000 steps each; see the docs' benchmark page): among the flow
+    families it had the best or second-best PSIS k̂ on 7 of 12 targets at the lowest cost
+    per step, 1.1-2.2x ``AutoNormal``'s up to 10 dimensions (1.28x on eight schools timed
+    interleaved) against 1.7-3.9x for the spline flows. ``"nsf"`` is better on strongly
+    curved posteriors of a few dimensions (k̂ 0.24 against 0.49 on a banana).
 
     Arguments:
         model: A Pyro model.
