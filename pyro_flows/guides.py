@@ -323,6 +323,11 @@ class AutoFlowGuide(AutoContinuous):
         )
 
     def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
+        # Each site in its own dtype: the packed latent has the widest of them.
+        for site, value in self._unpack_coordinates(latent):
+            yield site, value.to(site["value"].dtype)
+
+    def _unpack_coordinates(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
         if not self._live:
             yield from super()._unpack_latent(latent)
             return

@@ -153,6 +153,26 @@ def test_float64_follows_the_model():
     assert guide()["z"].dtype == torch.float64
 
 
+def test_sites_keep_their_dtypes():
+    # A float64 site made the packed latent float64, and the float32 site came out float64
+    # too: "addmv input tensors must have the same dtype" (AutoNormal keeps each site's).
+    x, y = data()
+
+    def mixed(x, y):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(x @ w, sigma.float()), obs=y)
+
+    guide = AutoFlowGuide(mixed)
+    svi = SVI(mixed, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step(x, y)))
+    assert guide.loc.dtype == torch.float64
+    draws = guide(x, y)
+    assert (draws["sigma"].dtype, draws["w"].dtype) == (torch.float64, torch.float32)
+    assert guide.median(x, y)["w"].dtype == torch.float32
+
+
 def test_to_device_and_dtype():
     x, y = data()
     guide = AutoFlowGuide(model)
