@@ -180,7 +180,7 @@ def _warn_masked(model_trace: Trace) -> None:
         if site["is_observed"] or mask is None:
             continue
         mask = torch.broadcast_to(torch.as_tensor(mask), site["fn"].batch_shape)
-        if not mask.all():
+        if not mask.all() and not _held_at_data(model_trace, name, ~mask):
             warnings.warn(
                 f"The model masks out {int((~mask).sum())} of {mask.numel()} entries of latent "
                 f"site {name!r} (obs_mask or poutine.mask): it gives them no density, so the fit "
@@ -190,6 +190,19 @@ def _warn_masked(model_trace: Trace) -> None:
                 "its own, in a plate over the missing indices.",
                 stacklevel=4,
             )
+
+
+def _held_at_data(model_trace: Trace, name: str, masked: Tensor) -> bool:
+    r"""Whether the guide holds the masked entries of an ``obs_mask`` site
+    (``<name>_unobserved``) at the observed values, as :class:`~pyro_flows.AutoFlowGuide`
+    does: a free draw equals the data with probability zero."""
+    base = name.removesuffix("_unobserved")
+    observed = model_trace.nodes.get(f"{base}_observed")
+    if base == name or observed is None or not observed["is_observed"]:
+        return False
+    value = model_trace.nodes[name]["value"]
+    equal = (value == observed["value"]).reshape(*masked.shape, -1).all(-1)
+    return bool(equal[masked].all())
 
 
 def _structure(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int | None) -> Structure:

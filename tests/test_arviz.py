@@ -286,6 +286,9 @@ def test_latent_site_with_masked_entries_is_named():
     assert idata.log_likelihood["y_observed"].shape == (1, 6, 4)
     with pytest.warns(UserWarning, match=match):
         diagnose(model, guide, Y[:4], num_samples=6)
+    guide = AutoFlowGuide(model)  # holds those entries at the data: no warning
+    guide(Y[:4])
+    to_inference_data(guide, Y[:4], num_samples=6)
 
 
 def test_log_q_is_the_guide_density_in_the_constrained_space():
