@@ -15,8 +15,9 @@ from .targets import Target
 def find_start(target: Target) -> LaplaceStart | None:
     r"""Returns the target's Laplace start, or `None` (with a message) where it has none.
 
-    A funnel has no mode, and `laplace_start` says so with a `ValueError`: such a target is
-    skipped in a `--start laplace` run.
+    Where `laplace_start` raises a `ValueError` (no strict maximum; eight schools centred,
+    whose density grows without bound as `tau` goes to 0), the target is skipped in a
+    `--start laplace` run. A funnel's mode is at its neck: it gets that (poor) start.
     """
     pyro.clear_param_store()
     began = time.perf_counter()

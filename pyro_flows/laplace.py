@@ -82,8 +82,10 @@ def laplace_start(
 
     The Hessian is :math:`D \times D` and costs :math:`D` backward passes, so this suits
     models up to a few thousand latent dimensions. The model must be deterministic given
-    its latents (no subsampling) and have a strict maximum: a posterior without a mode (a
-    funnel, a flat direction) raises a ``ValueError``.
+    its latents (no subsampling) and have a strict maximum: a density that is flat along some
+    direction or grows without bound raises a ``ValueError``. It is a good start where the
+    posterior is close to Gaussian around its mode; a funnel's mode is at its neck (for
+    Neal's 10-D funnel, scales of 1e-9), a correct answer but a poor start.
 
     Arguments:
         model: A Pyro model.
@@ -116,10 +118,17 @@ def laplace_start(
 
     z = guide._init_loc().detach().clone().requires_grad_()
     _check_deterministic(negative_log_density, z)
-    iterations, exhausted = _maximize(negative_log_density, z, max_iterations)
+    iterations = 0
+    for _ in range(RESTARTS):
+        # A search that met a point where the density is not finite (in float32, gradients
+        # that overflow) can lose its curvature memory to NaN: restart from where it got.
+        used, exhausted, hit_wall = _maximize(negative_log_density, z, max_iterations)
+        iterations += used
+        if not hit_wall:
+            break
     mode = z.detach()
     hessian = torch.autograd.functional.hessian(negative_log_density, mode)
-    cholesky = _cholesky(guide, hessian, exhausted)
+    cholesky = _cholesky(guide, hessian, exhausted, hit_wall)
     _check_stationary(negative_log_density, mode, cholesky, iterations)
     scales = hessian.diagonal().rsqrt()
     with torch.no_grad():
@@ -157,11 +166,27 @@ def _check_deterministic(objective: Callable[[Tensor], Tensor], z: Tensor) -> No
         )
 
 
+RESTARTS = 3  # L-BFGS runs at most, each from where the last one stopped
+_NO_MODE = (
+    "The search for the posterior's mode left the region where the log density is finite: "
+    "the posterior may have no mode (an improper posterior, a density that grows without "
+    "bound). Start the guide at the default point instead."
+)
+
+
 def _maximize(
     objective: Callable[[Tensor], Tensor], z: Tensor, max_iterations: int
-) -> tuple[int, bool]:
-    r"""Runs L-BFGS on ``z`` in place; returns its iterations and whether it ran out of them
-    (or of function evaluations, 1.25 per iteration) rather than converging."""
+) -> tuple[int, bool, bool]:
+    r"""Runs L-BFGS on ``z`` in place.
+
+    A trial point of the line search where the density is not finite (or where a
+    distribution refuses its parameters) scores far worse than the start, so the search
+    steps back from it.
+
+    Returns:
+        The iterations; whether it ran out of them (or of function evaluations, 1.25 per
+        iteration) rather than converging; whether it met such a point.
+    """
 
     optimizer = torch.optim.LBFGS(
         [z],
@@ -172,36 +197,41 @@ def _maximize(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
+    with torch.no_grad():
+        first = float(objective(z))
+    wall = first + 1e6 * (1.0 + abs(first))
+    hit_wall = False
 
     def closure() -> Tensor:
-        loss = objective(z)
-        (z.grad,) = torch.autograd.grad(loss, z)
+        nonlocal hit_wall
+        try:
+            loss = objective(z)
+            (gradient,) = torch.autograd.grad(loss, z)
+        except ValueError:  # a distribution's validation of a non-finite parameter
+            loss = gradient = None
+        if loss is None or not (torch.isfinite(loss) and torch.isfinite(gradient).all()):
+            hit_wall = True
+            z.grad = torch.zeros_like(z)
+            return torch.tensor(wall)
+        z.grad = gradient
         return loss.detach()
 
-    message = (
-        "The search for the posterior's mode left the region where the log density is "
-        "finite: the posterior may have no mode (a funnel, an improper posterior). Start "
-        "the guide at the default point instead."
-    )
-    try:
-        optimizer.step(closure)
-        loss = objective(z)
-    except ValueError as error:  # a distribution's validation of a non-finite parameter
-        raise ValueError(f"{message}\n{error}") from error
-    (gradient,) = torch.autograd.grad(loss, z)
-    loss = loss.detach()
-    if not (torch.isfinite(z).all() and torch.isfinite(loss) and torch.isfinite(gradient).all()):
-        raise ValueError(message)
+    optimizer.step(closure)
+    with torch.no_grad():
+        if not (torch.isfinite(z).all() and torch.isfinite(objective(z))):
+            raise ValueError(_NO_MODE)
     state = optimizer.state[z]
     budget = optimizer.defaults
     exhausted = state["n_iter"] >= budget["max_iter"] or state["func_evals"] >= budget["max_eval"]
-    return int(state["n_iter"]), bool(exhausted)
+    return int(state["n_iter"]), bool(exhausted), hit_wall
 
 
-def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool) -> Tensor:
+def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool, hit_wall: bool) -> Tensor:
     cholesky, info = torch.linalg.cholesky_ex(hessian)
     if info == 0 and torch.isfinite(hessian).all():
         return cholesky
+    if hit_wall:
+        raise ValueError(_NO_MODE)
     if exhausted:
         raise ValueError(
             "L-BFGS used all its iterations without reaching a maximum of the log density "
@@ -212,8 +242,8 @@ def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool) -> Tensor:
     where = f" (not curved down along sites {sites})" if sites else ""
     raise ValueError(
         "The log density at the point found is not a strict maximum: its Hessian is not "
-        f"negative definite{where}. The posterior may have no mode (a funnel, a flat or "
-        "improper direction). Start the guide at the default point instead."
+        f"negative definite{where}. The posterior may have no mode (a flat or improper "
+        "direction). Start the guide at the default point instead."
     )
 
 

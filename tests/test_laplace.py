@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -149,13 +151,27 @@ def test_no_mode_is_refused():
         laplace_start(model)
 
 
-def test_a_funnel_has_no_mode():
+def test_a_funnel_s_mode_is_at_its_neck():
+    # Neal's funnel has a mode: x = 0 and y maximizing -y^2/18 - 9y/2, so y = -40.5, where x's
+    # scales are exp(-20.25). A correct answer and a useless start (docs/initialization.md).
     def funnel():
         y = pyro.sample("y", dist.Normal(0.0, 3.0))
         pyro.sample("x", dist.Normal(0.0, torch.exp(y / 2)).expand([9]).to_event(1))
 
+    start = laplace_start(funnel)
+    assert float(start.values["y"]) == pytest.approx(-40.5, abs=0.01)
+    assert float(start.scales["y"]) == pytest.approx(3.0, rel=1e-3)
+    assert torch.allclose(start.scales["x"], torch.full((9,), math.exp(-20.25)), rtol=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered")
+def test_an_unbounded_density_is_refused():
+    def model():
+        x = pyro.sample("x", dist.ImproperUniform(constraints.real, (), ()))
+        pyro.factor("cliff", x.exp())  # no maximum: overflows to +inf near x = 89
+
     with pytest.raises(ValueError, match="left the region where the log density is finite"):
-        laplace_start(funnel)
+        laplace_start(model)
 
 
 def test_subsampled_density_is_refused():
