@@ -1,3 +1,5 @@
+import signal
+
 import matplotlib
 import numpy as np
 import pyro
@@ -7,6 +9,10 @@ import torch
 matplotlib.use("Agg")
 # The models under test are tiny: one thread is faster and keeps CI from oversubscribing.
 torch.set_num_threads(1)
+# A shell's background job starts with Ctrl-C ignored, and `fit` then leaves it ignored: the
+# interrupt tests need Python's handler (its subprocesses get the default action).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks import settings
 from benchmarks.guides import BASELINE, GUIDES
 from benchmarks.metrics import marginal_errors, steps_to_within, wasserstein_1d
 from benchmarks.run import main, parse_args
@@ -29,6 +30,25 @@ def test_quick_mode_on_one_small_target(tmp_path, capsys):
     assert (tmp_path / "marginals-banana.png").stat().st_size > 0
     assert (tmp_path / "elbo-banana.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
+
+
+def test_settings_sweep_on_one_small_target(tmp_path):
+    argv = ["--num-steps", "20", "--seeds", "1", "--draws", "100", "--targets", "banana"]
+    rows = settings.main([*argv, "--variants", "default", "1 layer", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == ["default", "1 layer"]
+    assert all(math.isfinite(r["elbo"]) and math.isfinite(r["khat"]) for r in rows)
+    assert len(json.loads((tmp_path / "settings.json").read_text())) == 2
+    assert "| banana | 1 layer |" in (tmp_path / "settings.md").read_text()
+
+
+def test_laplace_start_mode_runs_every_kind_of_guide(tmp_path):
+    argv = ["--start", "laplace", "--targets", "banana", "--steps", "3", "--draws", "100"]
+    guides = ["AutoNormal", "AutoMultivariateNormal", "AutoFlowGuide(iaf)"]
+    results = main([*argv, "--seeds", "1", "--guides", *guides, "--out", str(tmp_path)])
+    assert [r["guide"] for r in results] == guides
+    assert all(r["error"] is None for r in results)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["start"] == "laplace"
 
 
 def test_modes_have_their_defaults():
