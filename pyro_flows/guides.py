@@ -125,8 +125,8 @@ class AutoFlowGuide(AutoContinuous):
     (12 targets, 3 seeds, 5,000 steps each; see the docs' benchmark page): among the flow
     families it had the best or second-best PSIS k̂ on 7 of 12 targets at the lowest cost
     per step, 1.1-2.2x ``AutoNormal``'s up to 10 dimensions (1.29x with 8 particles on eight
-    schools, timed interleaved) against 1.7-3.9x for the spline flows. ``"nsf"`` is better on strongly
-    curved posteriors of a few dimensions (k̂ 0.24 against 0.49 on a banana).
+    schools, timed interleaved) against 1.7-3.9x for the spline flows. ``"nsf"`` is better on
+    strongly curved posteriors of a few dimensions (k̂ 0.24 against 0.49 on a banana).
 
     Arguments:
         model: A Pyro model.
