@@ -17,6 +17,13 @@ from torch import Tensor
 from .guides import AutoFlowGuide
 from .initialization import init_to_median_or_feasible
 
+RESTARTS = 3  # L-BFGS runs at most, each from where the last one stopped
+_NO_MODE = (
+    "The search for the posterior's mode left the region where the log density is finite: "
+    "the posterior may have no mode (an improper posterior, a density that grows without "
+    "bound). Start the guide at the default point instead."
+)
+
 
 @dataclass(frozen=True)
 class LaplaceStart:
@@ -164,14 +171,6 @@ def _check_deterministic(objective: Callable[[Tensor], Tensor], z: Tensor) -> No
             "values (a subsampled pyro.plate, or randomness outside sample sites): a mode "
             "needs a deterministic density. Pass the full data without subsample_size."
         )
-
-
-RESTARTS = 3  # L-BFGS runs at most, each from where the last one stopped
-_NO_MODE = (
-    "The search for the posterior's mode left the region where the log density is finite: "
-    "the posterior may have no mode (an improper posterior, a density that grows without "
-    "bound). Start the guide at the default point instead."
-)
 
 
 def _maximize(
