@@ -1,19 +1,22 @@
 """Runs a target's model on batches of draws: every site's value and each draw's log density.
 
-The model is replayed on the draws under a plate over draws, by `pyro_flows`' own engine
-(`pyro_flows._draws`, as `to_inference_data` and `diagnose` do).
+The model is conditioned on the draws under a plate over draws placed left of its own plates
+(as Pyro's vectorized particles are), with Pyro's public handlers only.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
 
-from pyro_flows import _draws
-
 from .targets.base import Target, init_to_uniform_unconstrained
+
+DRAWS = "_benchmark_draws"
 
 
 def is_reported(site: dict) -> bool:
@@ -43,12 +46,11 @@ def _tensors(draws: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in draws.items()}
 
 
-def _structure(target: Target, draws: dict[str, torch.Tensor]) -> _draws.Structure:
-    """The model's sites at the first draw."""
+def _one_draw_trace(target: Target, draws: dict[str, torch.Tensor]) -> poutine.Trace:
+    """The model's trace at the first draw: its sites' shapes and event dimensions."""
     first = {name: value[0] for name, value in draws.items()}
-    return _draws.inspect_values(
-        target.model, first, target.args, {}, max_plate_nesting=target.max_plate_nesting
-    )
+    with torch.no_grad():
+        return poutine.trace(poutine.condition(target.model, first)).get_trace(*target.args)
 
 
 def batch_draws(target: Target, draws: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -58,15 +60,38 @@ def batch_draws(target: Target, draws: dict[str, np.ndarray]) -> dict[str, torch
     `pyro.plate(..., S, dim=-(max_plate_nesting + 1))`.
     """
     tensors = _tensors(draws)
-    return _draws.batch(tensors, _structure(target, tensors))
+    trace = _one_draw_trace(target, tensors)
+    batched = {}
+    for name, value in tensors.items():
+        site = trace.nodes[name]
+        batch_ndim = site["value"].dim() - site["fn"].event_dim
+        pad = target.max_plate_nesting - batch_ndim
+        batched[name] = value.reshape(len(value), *(1,) * pad, *site["value"].shape)
+    return batched
 
 
 def trace_on_draws(target: Target, batched: dict[str, torch.Tensor]) -> poutine.Trace:
     r"""Traces the model vectorized over batched draws (see `batch_draws`) of its latents."""
     num = len(next(iter(batched.values())))
-    return _draws.replay_values(
-        target.model, batched, num, target.max_plate_nesting, target.args, {}
-    )
+    with pyro.plate(DRAWS, num, dim=-(target.max_plate_nesting + 1)):
+        return poutine.trace(poutine.condition(target.model, batched)).get_trace(*target.args)
+
+
+def _per_draw(log_prob: torch.Tensor, num: int, batch_ndim: int) -> torch.Tensor:
+    """Sums a site's log-density over every dimension but the draws."""
+    if log_prob.dim() < batch_ndim:  # the site does not depend on the draws
+        return log_prob.sum().expand(num)
+    log_prob = log_prob.movedim(log_prob.dim() - batch_ndim, 0)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num)
+
+
+def _log_joint(trace: poutine.Trace, num: int, max_plate_nesting: int) -> torch.Tensor:
+    trace.compute_log_prob()
+    total = torch.zeros(num)
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample":
+            total = total + _per_draw(site["log_prob"], num, max_plate_nesting + 1)
+    return total
 
 
 def log_density(target: Target, batched: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,7 +102,7 @@ def log_density(target: Target, batched: dict[str, torch.Tensor]) -> torch.Tenso
         batched: Values of every latent site, shaped by `batch_draws`.
     """
     num = len(next(iter(batched.values())))
-    return _draws.log_joint(trace_on_draws(target, batched), num, target.max_plate_nesting)
+    return _log_joint(trace_on_draws(target, batched), num, target.max_plate_nesting)
 
 
 def run_on_draws(
@@ -103,13 +128,20 @@ def run_on_draws(
         (4,)
     """
     tensors = _tensors(draws)
-    num, structure = len(next(iter(tensors.values()))), _structure(target, tensors)
+    num, one = len(next(iter(tensors.values()))), _one_draw_trace(target, tensors)
     with torch.no_grad():
-        trace = trace_on_draws(target, _draws.batch(tensors, structure))
-        log_p = _draws.log_joint(trace, num, target.max_plate_nesting)
-    names = structure.names("latent", "deterministic")
-    sites = _draws.site_values(trace, names, structure, num)
-    return {name: value.numpy() for name, value in sites.items()}, log_p.numpy()
+        trace = trace_on_draws(target, batch_draws(target, draws))
+        log_p = _log_joint(trace, num, target.max_plate_nesting)
+    sites = {}
+    for name, site in trace.nodes.items():
+        if name in tensors or (site["type"] == "sample" and site["infer"].get("_deterministic")):
+            shape = one.nodes[name]["value"].shape
+            value = site["value"]
+            extra = value.dim() - len(shape)
+            if extra > 0:
+                value = value.reshape(math.prod(value.shape[:extra]), *value.shape[extra:])
+            sites[name] = value.expand(num, *shape).numpy()
+    return sites, log_p.numpy()
 
 
 def scalar_columns(draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

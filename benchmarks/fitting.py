@@ -131,7 +131,7 @@ def fit_guide(
             guide,
             *target.args,
             num_samples=recipe.draws,
-            num_particles=(recipe.iw_particles,),
+            iw_particles=(recipe.iw_particles,),
             max_plate_nesting=target.max_plate_nesting,
         )
     start_rss, peak_rss = train["rss"]

@@ -1,13 +1,12 @@
 r"""Normalizing-flow autoguides for Pyro, with ArviZ export and posterior diagnostics."""
 
-__version__ = "0.1.0"
-
-from ._zuko import zuko  # noqa: F401  (first: keeps the user's distribution validation)
+from ._version import __version__
+from ._zuko import zuko  # noqa: F401  (before zuko is imported elsewhere: keeps validation)
 from .arviz import to_inference_data
 from .diagnostics import Diagnosis, diagnose
-from .fit import FitResult, fit
+from .errors import DataError, NonFiniteLossError
+from .fitting import FitResult, fit, load_checkpoint
 from .flows import FLOWS
-from .guard import NonFiniteLossError
 from .guides import AutoFlowGuide
 from .importance import ImportanceWeights, log_importance_weights
 from .initialization import init_to_median_or_feasible
@@ -16,6 +15,7 @@ from .laplace import LaplaceStart, laplace_start
 __all__ = [
     "FLOWS",
     "AutoFlowGuide",
+    "DataError",
     "Diagnosis",
     "FitResult",
     "ImportanceWeights",
@@ -26,6 +26,7 @@ __all__ = [
     "fit",
     "init_to_median_or_feasible",
     "laplace_start",
+    "load_checkpoint",
     "log_importance_weights",
     "to_inference_data",
 ]

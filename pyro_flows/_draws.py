@@ -1,9 +1,9 @@
 r"""Draws from a guide, replays the model on the draws, and sums log-densities per draw.
 
-The one engine behind :func:`pyro_flows.to_inference_data`, :func:`pyro_flows.diagnose`
-(through :func:`pyro_flows.log_importance_weights`) and the benchmarks: :func:`inspect`
-finds the model's sites, :func:`chunks` draws a chunk at a time, vectorized over draws (see
-:mod:`pyro_flows._replay`).
+The one engine behind :func:`pyro_flows.to_inference_data` and :func:`pyro_flows.diagnose`
+(through :func:`pyro_flows.log_importance_weights`):
+:func:`~pyro_flows._structure.model_structure` finds the model's sites, :func:`chunks` draws
+a chunk at a time, vectorized over draws (with the primitives of :mod:`pyro_flows._replay`).
 
 The first chunk is checked against single-draw runs of its first and last draws. A model or
 guide that fails to run vectorized, or runs but mixes draws, is handled as ``vectorize``
@@ -11,21 +11,7 @@ says: :py:`None` warns and runs one draw at a time, :py:`True` raises, :py:`Fals
 draw at a time without trying.
 """
 
-__all__ = [
-    "HINT",
-    "Draws",
-    "Site",
-    "Structure",
-    "batch",
-    "check_int",
-    "chunks",
-    "inspect",
-    "inspect_values",
-    "log_joint",
-    "replay_values",
-    "site_values",
-    "user_model",
-]
+__all__ = ["HINT", "Draws", "check_options", "chunks"]
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -39,30 +25,19 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
+from ._checks import check_int
 from ._replay import (
     ResampleObserved,
     draws_plate,
-    log_joint,
     log_probs,
     nonfinite,
-    replay_values,
     samples,
     to_draws,
     total,
     trace,
     traces,
 )
-from ._sites import (
-    Site,
-    Structure,
-    batch,
-    check_int,
-    inspect,
-    inspect_values,
-    log_likelihood,
-    site_values,
-    user_model,
-)
+from ._structure import Structure, log_likelihood, site_values
 
 # What a model that does not broadcast over a leading dimension raises when run vectorized.
 VECTORIZE_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError)
@@ -119,6 +94,22 @@ class SetValues(Messenger):
             msg["value"], msg["done"] = self.values[msg["name"]], True
 
 
+def check_options(num_samples: int, chunk_size: int | None, vectorize: bool | None) -> None:
+    r"""Checks the options of :func:`chunks`, which every caller takes from its user.
+
+    Example:
+        >>> check_options(100, None, "yes")
+        Traceback (most recent call last):
+        ...
+        TypeError: vectorize must be None, True or False, got 'yes'.
+    """
+    check_int("num_samples", num_samples, 1)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    if vectorize not in (None, True, False):
+        raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}.")
+
+
 def chunks(
     model: Callable,
     guide: Callable,
@@ -137,8 +128,9 @@ def chunks(
     Arguments:
         model: The model.
         guide: The guide (any guide function, autoguide or ``GuideMessenger``).
-        structure: The model's structure, from :func:`inspect`.
-        num_samples: The number of draws.
+        structure: The model's structure, from
+            :func:`~pyro_flows._structure.model_structure`.
+        num_samples: The number of draws (options checked by :func:`check_options`).
         args: Positional arguments of the model and guide.
         kwargs: Keyword arguments of the model and guide.
         chunk_size: Draws per vectorized run (see :meth:`Structure.chunk_size`).
@@ -151,9 +143,7 @@ def chunks(
     Yields:
         The results of each chunk, in order.
     """
-    if vectorize not in (None, True, False):
-        raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}.")
-    run = Run(model, guide, structure, args, kwargs, predictive, prior)
+    run = DrawRunner(model, guide, structure, args, kwargs, predictive, prior)
     size = structure.chunk_size(num_samples, chunk_size)
     first = run.first(size) if vectorize is not False else None
     if isinstance(first, Draws):
@@ -179,7 +169,7 @@ def _not_vectorized(problem: str, vectorize: bool | None) -> None:
 
 
 @dataclass(frozen=True)
-class Run:
+class DrawRunner:
     r"""A model and its guide, with their arguments: what every chunk of draws runs."""
 
     model: Callable

@@ -1,6 +1,6 @@
 r"""Runs a model and its guide on a batch of draws, and sums log-densities per draw.
 
-The primitives of :mod:`pyro_flows._draws`: the guide runs inside an extra
+The primitives of the draws engine (:mod:`pyro_flows._draws`): the guide runs inside an extra
 :class:`pyro.plate` placed to the left of every plate of the model (as
 :class:`pyro.infer.Trace_ELBO` does with ``vectorize_particles``), and the model is replayed
 on the guide's trace under the same plate. Every site then carries the draws as its leading
@@ -11,17 +11,14 @@ plain run of a single draw.
 __all__ = [
     "ResampleObserved",
     "draws_plate",
-    "log_joint",
     "log_probs",
     "nonfinite",
     "per_draw",
-    "replay_values",
     "samples",
     "to_draws",
     "total",
     "trace",
     "traces",
-    "values_trace",
 ]
 
 import math
@@ -85,43 +82,6 @@ def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple
     return trace(poutine.replay(model, trace=guide_trace), args, kwargs), guide_trace
 
 
-def values_trace(values: Mapping[str, Tensor]) -> Trace:
-    r"""A trace of latent sample sites holding the given values, to replay a model on.
-
-    Example:
-        >>> values_trace({"z": torch.zeros(2)}).nodes["z"]["value"]
-        tensor([0., 0.])
-    """
-    result = Trace()
-    for name, value in values.items():
-        result.add_node(
-            name, type="sample", is_observed=False, value=value, infer={}, cond_indep_stack=()
-        )
-    return result
-
-
-def replay_values(
-    model: Callable,
-    values: Mapping[str, Tensor],
-    num_draws: int,
-    max_plate_nesting: int,
-    args: tuple,
-    kwargs: dict,
-) -> Trace:
-    r"""Traces the model replayed on given latent values, vectorized over draws.
-
-    Arguments:
-        model: The model.
-        values: Values of latent sites, shaped as :func:`batch` does (differentiable).
-        num_draws: The number of draws.
-        max_plate_nesting: The model's plate nesting; the draws go to its left.
-        args: Positional arguments of the model.
-        kwargs: Keyword arguments of the model.
-    """
-    with draws_plate(num_draws, max_plate_nesting + 1):
-        return trace(poutine.replay(model, trace=values_trace(values)), args, kwargs)
-
-
 def samples(trace: Trace) -> list[tuple[str, dict]]:
     r"""Returns the ``(name, site)`` pairs of a trace's sample sites."""
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
@@ -133,12 +93,6 @@ def log_probs(trace: Trace, num_draws: int, batch_ndim: int | None) -> dict[str,
     return {
         name: per_draw(site["log_prob"], num_draws, batch_ndim) for name, site in samples(trace)
     }
-
-
-def log_joint(trace: Trace, num_draws: int, max_plate_nesting: int) -> Tensor:
-    r"""Returns each draw's log-joint: the sum of every site's log-density in a trace made
-    under the plate over draws (differentiable)."""
-    return total(log_probs(trace, num_draws, max_plate_nesting + 1), num_draws)
 
 
 def total(per_site: Mapping[str, Tensor], n: int) -> Tensor:

@@ -14,8 +14,11 @@ import torch
 from torch import Tensor
 
 from . import _draws
-from ._plates import plate_dims
+from ._structure import Site, Structure, model_structure, user_model
+from ._version import __version__
 from .diagnostics import Diagnosis
+
+RESERVED = frozenset({"chain", "draw"})  # ArviZ's names of the sample dimensions
 
 
 def to_inference_data(
@@ -102,8 +105,9 @@ def to_inference_data(
         >>> idata.log_likelihood["obs"].dims
         ('chain', 'draw', 'school')
     """
-    model = _check(guide, model, num_samples, chunk_size, coords, dims)
-    structure = _draws.inspect(model, guide, args, kwargs)
+    model = _check(guide, model, coords, dims)
+    _draws.check_options(num_samples, chunk_size, vectorize)
+    structure = model_structure(model, guide, args, kwargs)
     if prior:
         _check_samplable(structure)
     options = {"chunk_size": chunk_size, "vectorize": vectorize, "prior": prior}
@@ -117,7 +121,7 @@ def to_inference_data(
     return _from_dict(
         groups,
         coords=coords,
-        dims={**plate_dims(structure.sites), **(dims or {})},
+        dims={**_plate_dims(structure.sites), **(dims or {})},
         attrs=_attrs(guide, diagnosis),
     )
 
@@ -125,7 +129,7 @@ def to_inference_data(
 def _draw(
     model: Callable,
     guide: Callable,
-    structure: _draws.Structure,
+    structure: Structure,
     num_samples: int,
     args: tuple,
     kwargs: dict,
@@ -165,14 +169,7 @@ def _groups(chunk: _draws.Draws, log_likelihood: bool) -> dict[str, dict[str, Te
     return {group: values for group, values in groups.items() if values}
 
 
-def _check(
-    guide: Callable,
-    model: Callable | None,
-    num_samples: int,
-    chunk_size: int | None,
-    coords: Any,
-    dims: Any,
-) -> Callable:
+def _check(guide: Callable, model: Callable | None, coords: Any, dims: Any) -> Callable:
     if not callable(guide):
         raise TypeError(f"guide must be a fitted Pyro guide, got {type(guide).__name__}.")
     if getattr(guide, "prototype_trace", True) is None:
@@ -180,9 +177,6 @@ def _check(
             f"The {type(guide).__name__} has not been run yet: fit it with SVI (or call it "
             "once with the model's arguments) before converting it."
         )
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if value is not None:
-            _draws.check_int(name, value, 1)
     for name, value in (("coords", coords), ("dims", dims)):
         if value is not None and not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict, got {type(value).__name__}.")
@@ -191,13 +185,13 @@ def _check(
             raise ValueError(
                 f"The {type(guide).__name__} has no model attribute: pass model=your_model."
             )
-        model = _draws.user_model(guide)
+        model = user_model(guide)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}.")
     return model
 
 
-def _check_samplable(structure: _draws.Structure) -> None:
+def _check_samplable(structure: Structure) -> None:
     for name in structure.names("latent"):
         fn = structure.sites[name].fn
         try:
@@ -230,8 +224,6 @@ def _numpy(value: Any) -> np.ndarray:
 
 
 def _attrs(guide: Callable, diagnosis: Diagnosis) -> dict[str, Any]:
-    from pyro_flows import __version__
-
     stats = diagnosis.to_dict()
     attrs = {
         **stats,
@@ -256,3 +248,39 @@ def _from_dict(groups: dict[str, dict], *, coords: Any, dims: dict, attrs: dict)
     return arviz.from_dict(
         **groups, coords=coords, dims=dims, attrs=attrs, sample_stats_attrs=attrs
     )
+
+
+def _plate_dims(sites: Mapping[str, Site]) -> dict[str, list[str | None]]:
+    r"""Returns ArviZ ``dims`` naming each site's plate dimensions after their plates.
+
+    A plate of ``dim=d`` sits at position ``d`` counted from the right of the site's batch
+    shape; it names that dimension when the sizes agree. Other dimensions (event dimensions,
+    size-one broadcast dimensions) are left as :py:`None`, which ArviZ names
+    ``<site>_dim_<i>``. A plate named ``chain`` or ``draw`` is renamed ``<plate>_plate``, as
+    ArviZ uses these names for the sample dimensions.
+
+    Arguments:
+        sites: The model's sites for a single draw.
+
+    Returns:
+        A mapping from site names to dimension names, for the sites with a named dimension.
+
+    Example:
+        >>> import torch
+        >>> import pyro.distributions as dist
+        >>> plates = (("school", -1, 8),)
+        >>> theta = Site("latent", torch.Size([8]), 0, plates, dist.Normal(0, 1), None)
+        >>> _plate_dims({"theta": theta})
+        {'theta': ['school']}
+    """
+    dims = {}
+    for name, site in sites.items():
+        names: list[str | None] = [None] * len(site.shape)
+        batch_ndim = len(site.shape) - site.event_dim
+        for plate, dim, size in site.plates:
+            position = batch_ndim + dim
+            if 0 <= position < batch_ndim and site.shape[position] == size:
+                names[position] = f"{plate}_plate" if plate in RESERVED else plate
+        if any(names):
+            dims[name] = names
+    return dims

@@ -5,6 +5,8 @@ __all__ = [
     "diagnose",
 ]
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,22 +15,48 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .importance import importance
-from .weights import constant, iwelbo, psis, verdict
+from .importance import importance, iwelbo, psis
 
-NUM_PARTICLES = (1, 10, 100)  # the IW-ELBO's numbers of particles K, by default
+IW_PARTICLES = (1, 10, 100)  # the IW-ELBO's numbers of particles K, by default
+TRUST, CARE, DISTRUST = "trust", "use with care", "do not trust"
+MIN_ESS = 100
+ROUNDING = 16  # draws within this many epsilons (of the largest) count as equal
 
 
-def default_particles(num_samples: int) -> tuple[int, ...]:
-    r"""Returns the default numbers of particles :math:`K`: 1, 10 and 100, those
-    :math:`\le S`.
+def _iw_particles(
+    iw_particles: Sequence[int] | int | None,
+    num_samples: int,
+    num_particles: Sequence[int] | int | None = None,
+) -> tuple[int, ...]:
+    r"""Returns the IW-ELBO's numbers of particles :math:`K`, checked; by default 1, 10 and
+    100, those :math:`\le S`. ``num_particles``, the old name, is taken with a warning.
 
     Example:
-        >>> default_particles(4000), default_particles(50)
-        ((1, 10, 100), (1, 10))
+        >>> _iw_particles(None, 4000), _iw_particles(None, 50), _iw_particles(5, 50)
+        ((1, 10, 100), (1, 10), (5,))
     """
 
-    return tuple(k for k in NUM_PARTICLES if k <= num_samples)
+    if num_particles is not None:
+        warnings.warn(
+            "num_particles= is renamed iw_particles= (the IW-ELBO's K; in Pyro, num_particles "
+            "is a number of draws): the old name will be removed in the next release.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if iw_particles is not None:
+            raise TypeError("give iw_particles= only (num_particles= is its old name).")
+        iw_particles = num_particles
+    if iw_particles is None:
+        return tuple(k for k in IW_PARTICLES if k <= num_samples)
+    if isinstance(iw_particles, int):
+        iw_particles = (iw_particles,)
+    for k in iw_particles:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_samples:
+            raise ValueError(
+                f"iw_particles must hold integers between 1 and num_samples={num_samples}, "
+                f"got {k!r}"
+            )
+    return tuple(iw_particles)
 
 
 @dataclass(repr=False)
@@ -81,30 +109,32 @@ class Diagnosis:
         cls,
         log_weights: Tensor,
         samples: dict[str, Tensor],
-        num_particles: Sequence[int] | None = None,
+        iw_particles: Sequence[int] | int | None = None,
         vectorized: bool = True,
         nonfinite: dict[str, int] | None = None,
+        *,
+        num_particles: Sequence[int] | int | None = None,
     ) -> "Diagnosis":
         r"""Diagnoses precomputed log weights (see :func:`pyro_flows.log_importance_weights`).
 
         Arguments:
             log_weights: The log weights, shape :py:`(S,)`.
             samples: The draws they belong to, per site, shape :py:`(S, *site_shape)`.
-            num_particles: The numbers of particles :math:`K` of the IW-ELBO estimates. If
+            iw_particles: The numbers of particles :math:`K` of the IW-ELBO estimates. If
                 :py:`None`, 1, 10 and 100, those :math:`\le S`.
             vectorized: Whether the draws were computed in vectorized passes.
             nonfinite: Per site, the number of NaN or :math:`+\infty` log-density values.
+            num_particles: The old name of `iw_particles` (deprecated).
         """
 
         lw = log_weights.detach().double().cpu().reshape(-1).numpy()
-        if num_particles is None:
-            num_particles = default_particles(len(lw))
+        iw_particles = _iw_particles(iw_particles, len(lw), num_particles=num_particles)
         with np.errstate(invalid="ignore"):  # NaN and -inf weights give NaN statistics
             stats = psis(lw)
-            stats["iwelbo"], stats["iwelbo_se"] = iwelbo(lw, num_particles)
+            stats["iwelbo"], stats["iwelbo_se"] = iwelbo(lw, iw_particles)
         nonfinite = nonfinite or {}
-        point = bool(samples) and len(lw) > 1 and all(constant(v) for v in samples.values())
-        stats["verdict"], stats["reason"] = verdict(lw, stats, nonfinite, point)
+        point = bool(samples) and len(lw) > 1 and all(_constant(v) for v in samples.values())
+        stats["verdict"], stats["reason"] = _verdict(lw, stats, nonfinite, point)
         stats["psis_log_weights"] = torch.as_tensor(stats["psis_log_weights"])
         return cls(
             log_weights.detach(), samples, vectorized=vectorized, nonfinite=nonfinite, **stats
@@ -189,10 +219,11 @@ def diagnose(
     guide: Callable,
     *args: Any,
     num_samples: int = 4000,
-    num_particles: Sequence[int] | int | None = None,
+    iw_particles: Sequence[int] | int | None = None,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
     vectorize: bool | None = None,
+    num_particles: Sequence[int] | int | None = None,
     **kwargs: Any,
 ) -> Diagnosis:
     r"""Judges whether a fitted guide can be trusted as the posterior of a model.
@@ -216,9 +247,10 @@ def diagnose(
         guide: A fitted guide for `model`: any Pyro autoguide or guide function.
         args: Positional arguments of the model and guide.
         num_samples: The number of draws :math:`S`.
-        num_particles: The numbers of particles :math:`K` of the IW-ELBO estimates; each
+        iw_particles: The numbers of particles :math:`K` of the IW-ELBO estimates; each
             uses the :math:`S` draws as :math:`S / K` groups. If :py:`None`, 1, 10 and 100,
-            those :math:`\le S`.
+            those :math:`\le S`. (In Pyro's ``psis_diagnostic``, which this replaces,
+            ``num_particles`` is the number of draws: here that is ``num_samples``.)
         max_plate_nesting: The number of nested plates in the model. If :py:`None`, found by
             tracing the model once.
         chunk_size: The number of draws per vectorized pass (see
@@ -226,6 +258,8 @@ def diagnose(
         vectorize: What to do with a model that does not broadcast over draws: if
             :py:`None`, warn and compute the draws one at a time; if :py:`True`, raise a
             :py:`ValueError`; if :py:`False`, compute them one at a time without trying.
+        num_particles: The old name of `iw_particles`, accepted with a ``FutureWarning``
+            until the next release.
         kwargs: Keyword arguments of the model and guide.
 
     Returns:
@@ -249,18 +283,74 @@ def diagnose(
         | https://arxiv.org/abs/1507.02646
     """
 
-    if num_particles is None:
-        num_particles = default_particles(num_samples)
-    if isinstance(num_particles, int):
-        num_particles = (num_particles,)
-    for k in num_particles:
-        if not isinstance(k, int) or not 1 <= k <= num_samples:
-            raise ValueError(
-                f"num_particles must hold integers between 1 and num_samples={num_samples}, "
-                f"got {k!r}"
-            )
+    if isinstance(num_samples, int) and num_samples >= 1:  # else importance() says why
+        iw_particles = _iw_particles(iw_particles, num_samples, num_particles=num_particles)
     options = {"max_plate_nesting": max_plate_nesting, "chunk_size": chunk_size}
     found, vectorized, nonfinite = importance(
         model, guide, args, kwargs, num_samples, vectorize=vectorize, **options
     )
-    return Diagnosis.from_log_weights(*found, num_particles, vectorized, nonfinite)
+    return Diagnosis.from_log_weights(*found, iw_particles, vectorized, nonfinite)
+
+
+def _constant(draws: Tensor) -> bool:
+    r"""Whether every draw equals the first, up to rounding.
+
+    Draws computed in vectorized runs of different sizes differ in their last bits (a
+    point estimate's simplex draws by one ulp, say), so floating-point draws count as equal
+    within :data:`ROUNDING` machine epsilons of the site's largest magnitude.
+
+    Example:
+        >>> _constant(torch.tensor([0.3, 0.3 + 3e-8])), _constant(torch.tensor([0.3, 0.31]))
+        (True, False)
+    """
+
+    if not draws.is_floating_point():
+        return bool((draws == draws[:1]).all())
+    tolerance = ROUNDING * torch.finfo(draws.dtype).eps * draws.abs().max()
+    return bool(((draws - draws[:1]).abs() <= tolerance).all())
+
+
+def _verdict(
+    lw: np.ndarray, stats: dict[str, Any], nonfinite: dict[str, int], point: bool
+) -> tuple[str, str]:
+    r"""Returns the verdict and its reason (see :func:`pyro_flows.diagnose`)."""
+
+    khat, threshold, ess = stats["khat"], stats["khat_threshold"], stats["ess"]
+    if point:
+        return DISTRUST, (
+            "every draw of the guide is the same point (a point estimate such as AutoDelta): "
+            "it is not a posterior approximation, and importance weights cannot judge it."
+        )
+    if math.isnan(khat) and np.isneginf(lw).all():
+        return DISTRUST, (
+            f"all {len(lw)} log weights are -inf: every draw falls where the model's density is "
+            "zero; the guide's mass lies outside the model's support."
+        )
+    if math.isnan(khat):
+        sites = ", ".join(f"{name!r} ({count} values)" for name, count in nonfinite.items())
+        where = f" at sites {sites}" if sites else ""
+        return DISTRUST, (
+            f"{int(np.sum(~np.isfinite(lw) & ~np.isneginf(lw)))} of {len(lw)} log weights are "
+            f"NaN or +inf: the model or guide has a non-finite log-density{where}."
+        )
+    zero = int(np.isneginf(lw).sum())
+    note = f" {zero} draws fall where the model's density is zero." if zero else ""
+    if khat > threshold:
+        return DISTRUST, (
+            f"k-hat = {khat:.2f} exceeds {threshold:.2f}, the threshold for "
+            f"{len(lw)} draws: the weights have a heavy tail, so neither the guide nor "
+            "PSIS-corrected estimates are reliable. Fit longer, or use a more flexible guide."
+            + note
+        )
+    if khat > 0.5:
+        return CARE, (
+            f"k-hat = {khat:.2f} is between 0.5 and {threshold:.2f}: the guide is a rough "
+            "approximation; PSIS-corrected draws (Diagnosis.resample) are usable." + note
+        )
+    if ess < min(MIN_ESS, len(lw) / 2):
+        return CARE, (
+            f"k-hat = {khat:.2f} is fine but the effective sample size is only {ess:.0f}: "
+            "estimates from these draws are noisy; draw more (num_samples)." + note
+        )
+    shown = "-inf (the largest weights are equal)" if khat == -math.inf else f"{khat:.2f}"
+    return TRUST, f"k-hat = {shown} <= 0.5: the guide is close to the posterior." + note

@@ -10,26 +10,30 @@ from __future__ import annotations
 
 __all__ = [
     "FLOWS",
+    "as_lazy_transform",
+    "check_flow",
+    "fan_in_multipliers",
     "iaf",
     "identity_init_",
     "nsf",
     "nsf_coupling",
-    "fan_in_multipliers",
     "realnvp",
 ]
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.nn as nn
-import zuko
 from torch import Tensor
+from torch.distributions import Transform
 from zuko.flows.gaussianization import ElementWiseTransform
-from zuko.lazy import LazyTransform
+from zuko.lazy import Flow, LazyTransform
 from zuko.transforms import MonotonicRQSTransform
 
-from .made import masked_autoregressive
+from ._made import masked_autoregressive
+from ._zuko import zuko
 
 
 def _check_options(transforms: int, hidden_features: Sequence[int], bins: int = 2) -> None:
@@ -45,10 +49,33 @@ def _check_options(transforms: int, hidden_features: Sequence[int], bins: int = 
         raise ValueError(f"bins={bins!r}: a spline needs at least 2 bins.")
 
 
-def _spline(bins: int) -> dict[str, object]:
-    # The univariate transformation of zuko's NSF, with its default slope.
-    univariate = partial(MonotonicRQSTransform, slope=1e-3)
-    return {"univariate": univariate, "shapes": [(bins,), (bins,), (bins - 1,)]}
+def _autoregressive(
+    features: int,
+    *,
+    transforms: int,
+    hidden_features: Sequence[int],
+    randperm: bool,
+    activation: Callable[[], nn.Module] | None,
+    bins: int | None = None,
+    passes: int | None = None,
+) -> LazyTransform:
+    # The body of every masked autoregressive family: affine layers, or zuko's NSF spline
+    # (with its default slope) when `bins` is given; `passes=2` makes coupling layers.
+    _check_options(transforms, hidden_features, 2 if bins is None else bins)
+    spline = {}
+    if bins is not None:
+        univariate = partial(MonotonicRQSTransform, slope=1e-3)
+        spline = {"univariate": univariate, "shapes": [(bins,), (bins,), (bins - 1,)]}
+    transform = masked_autoregressive(
+        features,
+        transforms=transforms,
+        randperm=randperm,
+        passes=passes,
+        hidden_features=tuple(hidden_features),
+        activation=activation,
+        **spline,
+    )
+    return identity_init_(transform)
 
 
 def identity_init_(transform: nn.Module) -> nn.Module:
@@ -100,7 +127,7 @@ def fan_in_multipliers(transform: nn.Module) -> dict[Tensor, float]:
     sums ``fan_in`` inputs moves ``fan_in`` times faster than the guide's location and scale;
     on sharp posteriors the affine layers then overshoot into overflow within tens of steps.
     Multiplying each weight matrix by ``1 / fan_in`` (see
-    :class:`~pyro_flows.packing.ParameterPacking`) keeps the function the same at
+    :class:`~pyro_flows._packing.ParameterPacking`) keeps the function the same at
     initialization and makes each unit move at about the learning rate per step.
 
     Arguments:
@@ -158,15 +185,8 @@ def iaf(
         tensor(0., grad_fn=<AddBackward0>)
     """
 
-    _check_options(transforms, hidden_features)
-    transform = masked_autoregressive(
-        features,
-        transforms=transforms,
-        randperm=randperm,
-        hidden_features=tuple(hidden_features),
-        activation=activation,
-    )
-    return identity_init_(transform)
+    options = {"hidden_features": hidden_features, "randperm": randperm, "activation": activation}
+    return _autoregressive(features, transforms=transforms, **options)
 
 
 def nsf(
@@ -206,16 +226,8 @@ def nsf(
         True
     """
 
-    _check_options(transforms, hidden_features, bins)
-    transform = masked_autoregressive(
-        features,
-        transforms=transforms,
-        randperm=randperm,
-        hidden_features=tuple(hidden_features),
-        activation=activation,
-        **_spline(bins),
-    )
-    return identity_init_(transform)
+    options = {"hidden_features": hidden_features, "randperm": randperm, "activation": activation}
+    return _autoregressive(features, transforms=transforms, bins=bins, **options)
 
 
 def nsf_coupling(
@@ -240,10 +252,7 @@ def nsf_coupling(
     Arguments:
         features: The number of features.
         transforms: The number of coupling layers.
-        hidden_features: The widths of each layer's hidden network.
-        bins: The number of spline bins.
-        randperm: Whether features are randomly permuted between layers.
-        activation: The activation constructor of the hidden networks (default ReLU).
+        hidden_features, bins, randperm, activation: As in :func:`nsf`.
 
     Returns:
         A lazy transformation, the identity at initialization.
@@ -255,17 +264,8 @@ def nsf_coupling(
         True
     """
 
-    _check_options(transforms, hidden_features, bins)
-    transform = masked_autoregressive(
-        features,
-        transforms=transforms,
-        randperm=randperm,
-        passes=2,
-        hidden_features=tuple(hidden_features),
-        activation=activation,
-        **_spline(bins),
-    )
-    return identity_init_(transform)
+    options = {"hidden_features": hidden_features, "randperm": randperm, "activation": activation}
+    return _autoregressive(features, transforms=transforms, bins=bins, passes=2, **options)
 
 
 def realnvp(
@@ -321,3 +321,87 @@ FLOWS: dict[str, Callable[..., LazyTransform]] = {
     "realnvp": realnvp,
 }
 r"""The flow families that :class:`~pyro_flows.AutoFlowGuide` knows by name."""
+
+
+def check_flow(flow: object, options: dict[str, object]) -> None:
+    r"""Raises a clear error unless ``flow`` and ``options`` can build a flow.
+
+    Named families are built once on two features, so that a bad option value fails when the
+    guide is created, before any model is traced.
+
+    Arguments:
+        flow: A name in :data:`FLOWS`, or a callable of the number of features.
+        options: The named family's options (none for a callable).
+
+    Example:
+        >>> check_flow("iaf", {"layers": 3})
+        Traceback (most recent call last):
+        ...
+        TypeError: Unknown option(s) ['layers'] for flow 'iaf'; valid: ...
+    """
+
+    if isinstance(flow, str):
+        if flow not in FLOWS:
+            raise ValueError(
+                f"Unknown flow {flow!r}: use one of {sorted(FLOWS)} or pass a callable that "
+                "returns a flow for a given number of features."
+            )
+        factory = FLOWS[flow]
+        valid = sorted(set(inspect.signature(factory).parameters) - {"features"})
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown} for flow {flow!r}; valid: {valid}.")
+        try:
+            factory(2, **options)
+        except TypeError as error:
+            raise TypeError(
+                f"Flow {flow!r} cannot be built with options {options} ({error}). Use zuko's "
+                "types, e.g. hidden_features=(64, 64), transforms=3, bins=8, "
+                "activation=torch.nn.ELU."
+            ) from error
+    elif callable(flow):
+        if options:
+            raise TypeError(
+                f"Options {sorted(options)} apply to named flows only; configure your flow "
+                "callable instead, e.g. flow=functools.partial(my_flow, ...)."
+            )
+    else:
+        raise TypeError(f"flow must be a name in {sorted(FLOWS)} or a callable, got {flow!r}.")
+
+
+class _FixedTransform(LazyTransform):
+    r"""Wraps a :class:`~torch.distributions.Transform` (possibly a module) as lazy."""
+
+    def __init__(self, transform: Transform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, c: Tensor | None = None) -> Transform:
+        return self.transform
+
+
+def as_lazy_transform(flow: object, features: int) -> LazyTransform:
+    r"""Returns what a flow callable built as a zuko lazy transformation.
+
+    Arguments:
+        flow: A zuko ``Flow`` (its transform is used), a zuko ``LazyTransform`` or a torch
+            ``Transform`` of vectors.
+        features: The number of features it was built for (for the error message).
+
+    Example:
+        >>> from torch.distributions import AffineTransform
+        >>> lazy = as_lazy_transform(AffineTransform(0.0, 2.0, event_dim=1), 3)
+        >>> lazy()(torch.ones(3))
+        tensor([2., 2., 2.])
+    """
+
+    if isinstance(flow, Flow):
+        return flow.transform
+    if isinstance(flow, LazyTransform):
+        return flow
+    if isinstance(flow, Transform):
+        return _FixedTransform(flow)
+    raise TypeError(
+        f"flow({features}) returned {type(flow).__name__}; expected a zuko Flow, a zuko "
+        "LazyTransform or a torch Transform of vectors."
+    )

@@ -13,54 +13,17 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.nn import PyroParam
-from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import AffineTransform, Transform
-from zuko.lazy import Flow, LazyTransform
 from zuko.transforms import ComposedTransform
 
-from ._data_checks import check_data
-from ._guide_checks import check_flow, check_subsampled_latents, raise_helpful_setup_error
-from ._imputation import discarded_elements, scatter_live
-from ._init_scale import check_init_scale, init_scale_vector
-from .distributions import FlowPosterior
-from .flows import FLOWS, fan_in_multipliers
-from .initialization import init_to_median_or_feasible
-from .packing import ParameterPacking
-from .stl import detached_log_prob
-from .supports import (
-    ConstrainMessenger,
-    dependent_support_sites,
-    site_bijection,
-    trace_with_leaf_latents,
-)
-
-
-class _FixedTransform(LazyTransform):
-    r"""Wraps a :class:`~torch.distributions.Transform` (possibly a module) as lazy."""
-
-    def __init__(self, transform: Transform) -> None:
-        super().__init__()
-        self.transform = transform
-
-    def forward(self, c: Tensor | None = None) -> Transform:
-        return self.transform
-
-
-def _as_lazy_transform(flow: object, features: int) -> LazyTransform:
-    if isinstance(flow, Flow):
-        return flow.transform
-    if isinstance(flow, LazyTransform):
-        return flow
-    if isinstance(flow, Transform):
-        return _FixedTransform(flow)
-    raise TypeError(
-        f"flow({features}) returned {type(flow).__name__}; expected a zuko Flow, a zuko "
-        "LazyTransform or a torch Transform of vectors."
-    )
+from ._latent import PackedLatent, explained_setup_errors
+from ._packing import ParameterPacking
+from .distributions import FlowPosterior, detached_log_prob
+from .flows import FLOWS, as_lazy_transform, check_flow, fan_in_multipliers
+from .initialization import check_init_scale, init_scale_vector, init_to_median_or_feasible
 
 
 class _ModelRef(tuple):
@@ -193,8 +156,7 @@ class AutoFlowGuide(AutoContinuous):
         self.stl = bool(stl)
         self.num_quantile_samples = num_quantile_samples
         self.latent_dim = None
-        self._dependent_sites: frozenset[str] = frozenset()
-        self._discarded: dict[str, Tensor] = {}
+        self._latent: PackedLatent | None = None
 
     def __getstate__(self) -> dict:
         if hasattr(self, "_packing"):
@@ -224,36 +186,16 @@ class AutoFlowGuide(AutoContinuous):
 
     def _setup_prototype(self, *args: object, **kwargs: object) -> None:
         model = _required(self._user_model)
-        try:
+        with explained_setup_errors(model, args, kwargs) as prototype:
             # AutoContinuous's own set-up maps supports with torch's biject_to only.
             super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
-            self._setup_latent_shapes()
-        except (ValueError, RuntimeError, NotImplementedError) as error:
-            raise_helpful_setup_error(self.prototype_trace, error, model, args, kwargs)
-        check_subsampled_latents(self.prototype_trace)
+            prototype.trace = self.prototype_trace
+            self._latent = PackedLatent(model, self.prototype_trace, args, kwargs)
+        self.latent_dim = self._latent.dim
+        self._cond_indep_stacks = {
+            name: site["cond_indep_stack"] for name, site in self._latent.sites.items()
+        }
         self._arg_shapes = _shapes(args, kwargs)
-
-        values = {
-            name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-        trace = trace_with_leaf_latents(model, values, *args, **kwargs)
-        check_data(trace, model, args, kwargs)
-        self._dependent_sites = frozenset(dependent_support_sites(trace, values))
-        self._max_plate_nesting = max(
-            (
-                -frame.dim
-                for site in trace.nodes.values()
-                if site["type"] == "sample"
-                for frame in site["cond_indep_stack"]
-                if frame.vectorized
-            ),
-            default=0,
-        )
-        self._site_transforms = {
-            name: site_bijection(site["fn"].support)
-            for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-        self._hold_discarded_elements(trace)
         if "loc" in self._pyro_params:  # parameters loaded from a state dict
             loaded_dim = self.loc.shape[-1]
             if loaded_dim != self.latent_dim:
@@ -263,88 +205,27 @@ class AutoFlowGuide(AutoContinuous):
                     "of the same model."
                 )
             return
-        init_loc = self._init_loc()
-        for site, value in self._unpack_latent(init_loc):
+        init_loc = self._latent.initial()
+        for site, value in self._latent.unpack(init_loc):
             if not torch.isfinite(value).all():
                 raise ValueError(
                     f"init_loc_fn gave site '{site['name']}' a value outside its support "
                     "(unconstrained value not finite): pass an init_loc_fn that returns a "
                     "value strictly inside the support."
                 )
-        scale = init_scale_vector(self.init_scale, self._unconstrained_shapes, init_loc)
-        scale = self._live_coordinates(scale)
-        self._build_parameters(init_loc, scale)
+        scale = init_scale_vector(self.init_scale, self._latent.shapes, init_loc)
+        self._build_parameters(init_loc, self._latent.live_coordinates(scale))
 
-    def _setup_latent_shapes(self) -> None:
-        self._unconstrained_shapes, self._cond_indep_stacks = {}, {}
-        self._live, self._fill, self._packed_sizes = {}, {}, {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            unconstrained = site_bijection(site["fn"].support).inv(site["value"])
-            self._unconstrained_shapes[name] = unconstrained.shape
-            self._cond_indep_stacks[name] = site["cond_indep_stack"]
-            self._packed_sizes[name] = unconstrained.numel()
-        self.latent_dim = sum(self._packed_sizes.values())
-        if self.latent_dim == 0:
-            raise RuntimeError("no latent elements")  # explained by _raise_helpful_setup_error
-
-    def _hold_discarded_elements(self, trace: Trace) -> None:
-        # Elements that obs_mask samples and the model throws away are held at the observed
-        # values, outside the packed latent (see pyro_flows._imputation).
-        found = discarded_elements(trace)
-        if sum(int(discarded.sum()) for discarded, _ in found.values()) >= self.latent_dim:
-            return  # nothing else to fit: keep them
-        for name, (discarded, data) in found.items():
-            fill = self._site_transforms[name].inv(data)
-            kept = ~discarded
-            kept = kept.reshape(kept.shape + (1,) * (fill.dim() - kept.dim()))
-            self._discarded[name] = discarded
-            self._live[name] = kept.expand(fill.shape)
-            self._fill[name] = fill.nan_to_num(0.0, 0.0, 0.0)  # data on the boundary
-            self._packed_sizes[name] = int(self._live[name].sum())
-        self.latent_dim = sum(self._packed_sizes.values())
-
-    def _init_loc(self) -> Tensor:
-        parts = [
-            site_bijection(site["fn"].support).inv(site["value"].detach()).reshape(-1)
-            for _, site in self.prototype_trace.iter_stochastic_nodes()
-        ]
-        return self._live_coordinates(torch.cat(parts))
-
-    def _live_coordinates(self, full: Tensor) -> Tensor:
-        # From a vector over every unconstrained element, the packed latent's coordinates.
-        if not self._live:
-            return full
-        parts = full.split([shape.numel() for shape in self._unconstrained_shapes.values()])
-        return torch.cat(
-            [
-                part[self._live[name].reshape(-1)] if name in self._live else part
-                for name, part in zip(self._unconstrained_shapes, parts, strict=True)
-            ]
-        )
+    @property
+    def _dependent_sites(self) -> frozenset[str]:
+        return frozenset() if self._latent is None else self._latent.dependent
 
     def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
-        # Each site in its own dtype: the packed latent has the widest of them.
-        for site, value in self._unpack_coordinates(latent):
-            yield site, value.to(site["value"].dtype)
-
-    def _unpack_coordinates(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
-        if not self._live:
-            yield from super()._unpack_latent(latent)
-            return
-        batch_shape, start = latent.shape[:-1], 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
-            full = torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
-            values = latent[..., start : start + self._packed_sizes[name]]
-            if name in self._live:
-                yield site, scatter_live(self._fill[name], self._live[name], values, full)
-            else:
-                yield site, values.reshape(full)
-            start += self._packed_sizes[name]
+        # Pyro's AutoContinuous hook (NeuTraReparam unpacks through it).
+        return self._latent.unpack(latent)
 
     def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
-        flow = _as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
+        flow = as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
         flow = flow.to(device=loc.device, dtype=loc.dtype)
         multipliers = fan_in_multipliers(flow) if self.flow_name is not None else {}
         self._packing, values = ParameterPacking.pack(flow, multipliers)
@@ -447,32 +328,8 @@ class AutoFlowGuide(AutoContinuous):
     def _constrain(
         self, latent: Tensor, *args: object, **kwargs: object
     ) -> Iterator[tuple[str, Tensor, Tensor | float]]:
-        for name, value, log_density in self._constrain_sites(latent, *args, **kwargs):
-            if name in self._discarded and isinstance(log_density, Tensor):
-                # Elements held at a constant have no density.
-                log_density = log_density.masked_fill(self._discarded[name], 0.0)
-            yield name, value, log_density
-
-    def _constrain_sites(
-        self, latent: Tensor, *args: object, **kwargs: object
-    ) -> Iterator[tuple[str, Tensor, Tensor | float]]:
-        compute_density = poutine.get_mask() is not False
-        if self._dependent_sites:
-            unconstrained = {site["name"]: u for site, u in self._unpack_latent(latent)}
-            with poutine.block(), ConstrainMessenger(unconstrained) as messenger:
-                _required(self._user_model)(*args, **kwargs)
-            for name, (value, ladj) in messenger.values.items():
-                yield name, value, -ladj if compute_density else 0.0
-            return
-        for site, u in self._unpack_latent(latent):
-            name = site["name"]
-            transform = self._site_transforms[name]
-            value = transform(u)
-            log_density = 0.0
-            if compute_density:
-                ladj = transform.log_abs_det_jacobian(u, value)
-                log_density = -sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-            yield name, value, log_density
+        model = _required(self._user_model) if self._latent.dependent else None
+        return self._latent.constrain(latent, model, args, kwargs)
 
     def forward(self, *args: object, **kwargs: object) -> dict[str, Tensor]:
         r"""Draws every latent site, with the model's ``*args, **kwargs``.
@@ -566,7 +423,7 @@ class AutoFlowGuide(AutoContinuous):
                 if self.prototype_trace.nodes[name]["fn"].event_dim == 0
             }
             if elementwise:
-                batch = draws.reshape(len(draws), *(1,) * self._max_plate_nesting, -1)
+                batch = draws.reshape(len(draws), *(1,) * self._latent.max_plate_nesting, -1)
                 for name, value, _ in self._constrain(batch, *args, **kwargs):
                     if name in elementwise:
                         values = value.reshape(len(draws), -1)

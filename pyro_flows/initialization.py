@@ -1,15 +1,20 @@
-r"""Initialization strategies for :class:`~pyro_flows.AutoFlowGuide`."""
+r"""Where a guide starts: initialization strategies, and the initial scales of
+:class:`~pyro_flows.AutoFlowGuide`."""
 
 from __future__ import annotations
 
 __all__ = ["init_to_median_or_feasible"]
 
+from collections.abc import Mapping
+
 import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
-from torch import Tensor
+from torch import Size, Tensor
 
 from .supports import site_bijection
+
+DEFAULT_INIT_SCALE = 0.1  # AutoNormal's
 
 
 def init_to_median_or_feasible(site: Message) -> Tensor:
@@ -44,3 +49,69 @@ def init_to_median_or_feasible(site: Message) -> Tensor:
         fn = site["fn"]
         transform = site_bijection(fn.support)
         return transform(torch.zeros(transform.inverse_shape(fn.shape())))
+
+
+def check_init_scale(init_scale: object) -> float | dict[str, Tensor]:
+    r"""Returns ``init_scale`` as a float or a dict of tensors, or raises if it is not valid."""
+
+    if isinstance(init_scale, Mapping):
+        checked = {}
+        for name, value in init_scale.items():
+            if not isinstance(name, str):
+                raise TypeError(f"init_scale's keys must be site names, got {name!r}.")
+            if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+                raise TypeError(
+                    f"init_scale[{name!r}] must be a positive number or tensor, got {value!r}."
+                )
+            tensor = torch.as_tensor(value).detach()
+            if not (torch.isfinite(tensor).all() and (tensor > 0).all()):
+                raise ValueError(
+                    f"init_scale[{name!r}]: every initial scale must be positive and finite."
+                )
+            checked[name] = tensor
+        return checked
+    if isinstance(init_scale, bool) or not isinstance(init_scale, int | float):
+        raise TypeError(
+            f"init_scale must be a positive number or a dict from site names to positive "
+            f"numbers or tensors, got {init_scale!r}."
+        )
+    if not init_scale > 0 or init_scale == float("inf"):
+        raise ValueError(
+            f"init_scale={init_scale!r}: the initial scale must be positive and finite "
+            "(AutoNormal's default is 0.1)."
+        )
+    return float(init_scale)
+
+
+def init_scale_vector(
+    init_scale: float | dict[str, Tensor], shapes: dict[str, Size], like: Tensor
+) -> Tensor:
+    r"""Returns the initial scale of every packed unconstrained coordinate.
+
+    Arguments:
+        init_scale: One scale, or a scale per site (broadcast to the site's unconstrained
+            shape; sites left out get 0.1).
+        shapes: The unconstrained shape of every latent site, in packing order.
+        like: A tensor of the packed coordinates' dtype and device.
+    """
+
+    if not isinstance(init_scale, dict):
+        return like.new_full((sum(shape.numel() for shape in shapes.values()),), init_scale)
+    unknown = sorted(set(init_scale) - set(shapes))
+    if unknown:
+        raise ValueError(
+            f"init_scale names {unknown}, which are not latent sites of the model; its latent "
+            f"sites are {list(shapes)}."
+        )
+    parts = []
+    for name, shape in shapes.items():
+        value = init_scale.get(name, torch.tensor(DEFAULT_INIT_SCALE))
+        value = value.to(dtype=like.dtype, device=like.device)
+        try:
+            parts.append(value.expand(shape).reshape(-1))
+        except RuntimeError:
+            raise ValueError(
+                f"init_scale[{name!r}] has shape {tuple(value.shape)}, which does not broadcast "
+                f"to the site's unconstrained shape {tuple(shape)}."
+            ) from None
+    return torch.cat(parts)

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pyro import poutine
 from pyro.infer.autoguide.initialization import init_to_value
 from torch import Tensor
 
-from .guides import AutoFlowGuide
+from ._latent import PackedLatent
 from .initialization import init_to_median_or_feasible
 
 RESTARTS = 3  # L-BFGS runs at most, each from where the last one stopped
@@ -52,6 +51,7 @@ class LaplaceStart:
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> from pyro_flows import AutoFlowGuide
         >>> start = laplace_start(model, torch.tensor([0.5, 1.5]))
         >>> guide = AutoFlowGuide(model, init_loc_fn=start.init_loc_fn, init_scale=start.scales)
     """
@@ -117,13 +117,12 @@ def laplace_start(
 
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"max_iterations={max_iterations!r}: use a positive int.")
-    guide = AutoFlowGuide(model, init_loc_fn=init_loc_fn)
-    guide._setup_prototype(*args, **kwargs)
+    latent = PackedLatent.from_model(model, init_loc_fn, *args, **kwargs)
 
     def negative_log_density(z: Tensor) -> Tensor:
-        return -_log_density(guide, model, z, args, kwargs)
+        return -latent.log_density(z, model, args, kwargs)
 
-    z = guide._init_loc().detach().clone().requires_grad_()
+    z = latent.initial().detach().clone().requires_grad_()
     _check_deterministic(negative_log_density, z)
     iterations = 0
     for _ in range(RESTARTS):
@@ -135,26 +134,14 @@ def laplace_start(
             break
     mode = z.detach()
     hessian = torch.autograd.functional.hessian(negative_log_density, mode)
-    cholesky = _cholesky(guide, hessian, exhausted, hit_wall)
+    cholesky = _cholesky(latent, hessian, exhausted, hit_wall)
     _check_stationary(negative_log_density, mode, cholesky, iterations)
     scales = hessian.diagonal().rsqrt()
     with torch.no_grad():
-        values = {name: value for name, value, _ in guide._constrain(mode, *args, **kwargs)}
+        values = {name: value for name, value, _ in latent.constrain(mode, model, args, kwargs)}
         log_density = float(-negative_log_density(mode))
-    per_site = {site["name"]: scale for site, scale in guide._unpack_latent(scales)}
+    per_site = {site["name"]: scale for site, scale in latent.unpack(scales)}
     return LaplaceStart(values, per_site, log_density, iterations)
-
-
-def _log_density(
-    guide: AutoFlowGuide, model: Callable, z: Tensor, args: tuple, kwargs: dict
-) -> Tensor:
-    values, log_jacobian = {}, z.new_zeros(())
-    for name, value, log_density in guide._constrain(z, *args, **kwargs):
-        values[name] = value
-        # The guide's density is -log|J|, per element of the site's plates.
-        log_jacobian = log_jacobian - torch.as_tensor(log_density).sum()
-    trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
-    return trace.log_prob_sum() + log_jacobian
 
 
 def _check_deterministic(objective: Callable[[Tensor], Tensor], z: Tensor) -> None:
@@ -225,7 +212,7 @@ def _maximize(
     return int(state["n_iter"]), bool(exhausted), hit_wall
 
 
-def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool, hit_wall: bool) -> Tensor:
+def _cholesky(latent: PackedLatent, hessian: Tensor, exhausted: bool, hit_wall: bool) -> Tensor:
     cholesky, info = torch.linalg.cholesky_ex(hessian)
     if info == 0 and torch.isfinite(hessian).all():
         return cholesky
@@ -237,7 +224,7 @@ def _cholesky(guide: AutoFlowGuide, hessian: Tensor, exhausted: bool, hit_wall: 
             "(its Hessian at the last point is not negative definite): raise max_iterations."
         )
     flat = torch.diagonal(hessian) <= 0
-    sites = [site["name"] for site, bad in guide._unpack_latent(flat) if bad.any()]
+    sites = [site["name"] for site, bad in latent.unpack(flat) if bad.any()]
     where = f" (not curved down along sites {sites})" if sites else ""
     raise ValueError(
         "The log density at the point found is not a strict maximum: its Hessian is not "

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark runner (tiny settings) and checks of its metrics."""
 
+import importlib
 import json
 import math
 
@@ -78,3 +79,13 @@ def test_steps_to_within_one_nat():
     trace = np.r_[np.full(50, -20.0), np.full(950, -3.0)]
     assert steps_to_within(trace, -3.0) == 50 + 19  # running mean over 20 steps
     assert steps_to_within(np.full(100, -5.0), 0.0) is None
+
+
+@pytest.mark.slow
+def test_stl_benchmark_smoke(capsys):
+    stl = importlib.import_module("benchmarks.stl")
+    argv = ["--num-steps", "5", "--seeds", "1", "--draws", "50", "--particles", "2"]
+    rows = stl.main([*argv, "--targets", "banana"])  # synthetic: no ../shared needed
+    assert [row["stl"] for row in rows] == [False, True]
+    assert all(row["error"] is None and math.isfinite(row["elbo"]) for row in rows)
+    assert "medians over seeds" in capsys.readouterr().out

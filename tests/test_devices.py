@@ -11,8 +11,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
-from pyro_flows import FLOWS, AutoFlowGuide, fit
-from pyro_flows.checkpoint import load_checkpoint
+from pyro_flows import FLOWS, AutoFlowGuide, fit, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

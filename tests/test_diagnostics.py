@@ -1,9 +1,9 @@
-import doctest
-import importlib
+"""diagnose and Diagnosis: the verdict on exact, wider and mismatched guides, point
+estimates, non-finite weights, every autoguide, and bad arguments."""
+
 import math
 from contextlib import nullcontext
 
-import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -19,9 +19,7 @@ from pyro.infer.autoguide import (
     AutoNormalMessenger,
 )
 
-from pyro_flows import AutoFlowGuide, Diagnosis, FitResult, diagnose, fit, log_importance_weights
-from pyro_flows.plots import plot_elbo, plot_khat
-from pyro_flows.weights import khat_threshold
+from pyro_flows import AutoFlowGuide, Diagnosis, diagnose, fit
 
 X = torch.tensor([1.3, 0.4, 2.1, 1.7, 0.9, 1.1, 0.2, 1.8])
 N = len(X)
@@ -106,7 +104,7 @@ def guide_mixing(x):
 
 def test_vectorize_policy():
     guide = normal_guide(model_unvectorizable, POST_MEAN, POST_SD)
-    few = {"num_samples": 10, "num_particles": (1, 10)}
+    few = {"num_samples": 10, "iw_particles": (1, 10)}
     with pytest.raises(ValueError, match="failed to run vectorized.*vectorize=False"):
         diagnose(model_unvectorizable, guide, X, **few, vectorize=True)
     d = diagnose(model_unvectorizable, guide, X, **few, vectorize=False)  # silent
@@ -146,47 +144,6 @@ def test_mismatched_guide():
         assert bounds[i + 1] - bounds[i] > 3 * math.hypot(errors[i], errors[i + 1])
     for i in range(3):
         assert bounds[i] < LOG_Z + 3 * errors[i]
-
-
-def pareto_log_weights(k, n=10**6):
-    """Log weights whose right tail is generalized Pareto with shape k exactly."""
-
-    generator = torch.Generator().manual_seed(1)
-    return -k * torch.log(torch.rand(n, generator=generator, dtype=torch.float64))
-
-
-@pytest.mark.parametrize(
-    "k,verdict", [(0.2, "trust"), (0.6, "use with care"), (0.9, "do not trust")]
-)
-def test_khat_of_known_tail(k, verdict):
-    # With S = 1e6 PSIS fits the 3 sqrt(S) = 3000 largest weights; the standard error of
-    # the shape estimate is about (1 + k) / sqrt(3000) < 0.035, so 0.1 is about 3 errors.
-    d = Diagnosis.from_log_weights(pareto_log_weights(k), {})
-    assert abs(d.khat - k) < 0.1
-    assert d.verdict == verdict
-
-
-def test_khat_threshold():
-    assert khat_threshold(100) == pytest.approx(0.5)
-    assert khat_threshold(1000) == pytest.approx(2 / 3)
-    assert khat_threshold(4000) == 0.7
-    # k = 0.6 is too heavy a tail for 100 draws (threshold 0.5), fine for 1e6
-    d = Diagnosis.from_log_weights(pareto_log_weights(0.6, 100), {})
-    assert d.khat_threshold == pytest.approx(0.5)
-
-
-def test_tied_largest_weights_are_bounded():
-    # an exact guide whose weights rounding made take three values, the largest shared by
-    # more draws than PSIS fits: ArviZ finds no tail (k = inf); the weights are bounded
-    log_weights = torch.zeros(4000)
-    log_weights[:1000] = -0.05
-    log_weights[:200] = -0.1
-    d = Diagnosis.from_log_weights(log_weights, {})
-    assert d.khat == -math.inf and d.verdict == "trust"
-    # but a few finite weights among zero ones is no tail to trust
-    log_weights = torch.full((4000,), -math.inf)
-    log_weights[:10] = torch.arange(10.0)
-    assert Diagnosis.from_log_weights(log_weights, {}).verdict == "do not trust"
 
 
 def test_few_effective_draws():
@@ -342,35 +299,11 @@ def test_subsampling_is_refused():
         diagnose(model_subsampled, hand_written_guide, X)
 
 
-def test_log_importance_weights_shapes_and_chunks():
-    def model_plates(x):
-        a = pyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        with pyro.plate("groups", 2, dim=-2):
-            b = pyro.sample("b", dist.Normal(0.0, 1.0))
-            with pyro.plate("data", len(x), dim=-1):
-                # a[..., 0], not a[..., :1]: the latter lines a's event dimension up with
-                # b's plates, which does not broadcast over draws (one draw at a time)
-                pyro.sample("obs", dist.Normal(a[..., 0] + b, 1.0), obs=x)
-        pyro.deterministic("c", a.sum(-1) * 2)
-
-    guide = AutoNormal(model_plates)
-    log_weights, samples = log_importance_weights(
-        model_plates, guide, X, num_samples=25, chunk_size=7
-    )
-    assert log_weights.shape == (25,) and torch.isfinite(log_weights).all()
-    assert {name: value.shape for name, value in samples.items()} == {
-        "a": (25, 3),
-        "b": (25, 2, 1),
-        "c": (25,),
-    }
-    torch.testing.assert_close(samples["c"], samples["a"].sum(-1) * 2)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(num_samples=0), "num_samples"),
-        (dict(num_samples=10, num_particles=(1, 20)), "num_particles"),
+        (dict(num_samples=10, iw_particles=(1, 20)), "iw_particles"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(max_plate_nesting=-1), "max_plate_nesting"),
     ],
@@ -378,6 +311,19 @@ def test_log_importance_weights_shapes_and_chunks():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         diagnose(model, hand_written_guide, X, **kwargs)
+
+
+def test_num_particles_is_the_old_name_of_iw_particles():
+    # Pyro's psis_diagnostic calls its number of draws num_particles: ours was the IW-ELBO's K.
+    with pytest.warns(FutureWarning, match="renamed iw_particles"):
+        old = diagnose(model, hand_written_guide, X, num_samples=40, num_particles=(1, 4))
+    assert sorted(old.iwelbo) == [1, 4]
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="iw_particles= only"):
+        diagnose(model, hand_written_guide, X, num_samples=40, iw_particles=2, num_particles=2)
+    log_weights = torch.zeros(10)
+    with pytest.warns(FutureWarning):
+        d = Diagnosis.from_log_weights(log_weights, {}, num_particles=5)
+    assert list(d.iwelbo) == [5]
 
 
 def test_fewer_draws_than_the_default_particles():
@@ -400,20 +346,3 @@ def test_summary_and_dict():
     assert all(isinstance(v, int | float | str) for v in flat.values())
     with pytest.raises(ValueError, match="num_draws"):
         d.resample(0)
-
-
-def test_plots():
-    result = fit(model, AutoNormal(model), X, num_steps=50)
-    assert result.plot().get_ylabel() == "ELBO"
-    d = diagnose(model, hand_written_guide, X, num_samples=100)
-    ax = d.plot()
-    assert ax.get_xlabel() == "Pareto k-hat" and ax.get_title().startswith("trust")
-    plot_khat(Diagnosis.from_log_weights(pareto_log_weights(0.9, 1000), {}))
-    plot_elbo(FitResult(losses=[1.0]))
-    plt.close("all")
-
-
-@pytest.mark.parametrize("module", ["diagnostics", "importance", "plots", "weights"])
-def test_docstring_examples(module):
-    module = importlib.import_module(f"pyro_flows.{module}")
-    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

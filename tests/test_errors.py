@@ -1,12 +1,9 @@
-"""Bad inputs get an error that names the site or argument and says what to do.
+"""The exceptions of pyro_flows.errors: bad data is a DataError that names the observed site or
+argument, at set-up and in fit, for any guide.
 
-One test per row of docs/errors.md that tests/test_guide_errors.py and tests/test_fit.py do not
-already cover.
+(The errors of each function are tested with the function: test_guides.py, test_fitting.py,
+test_flows.py, ...)
 """
-
-import os
-import pickle
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -14,8 +11,8 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
+import pyro_flows
 from pyro_flows import AutoFlowGuide, NonFiniteLossError, fit
-from pyro_flows.checkpoint import load_checkpoint
 
 NAN, INF = float("nan"), float("inf")
 
@@ -98,157 +95,14 @@ def test_integer_and_finite_data_pass():
 # Latent sites ------------------------------------------------------------------------------
 
 
-def test_latent_sites_without_elements():
-    def model():
-        pyro.sample("z", dist.Normal(torch.zeros(0), 1.0).to_event(1))
-
-    with pytest.raises(ValueError, match=r"no elements \(shapes \{'z': \(0,\)\}\)"):
-        AutoFlowGuide(model)()
-
-
-def test_a_size_given_as_an_int_is_checked_like_a_shape():
-    def model(n):
-        pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))
-
-    guide = AutoFlowGuide(model)
-    guide(3)
-    with pytest.raises(ValueError, match=r"'z' of shape \(3,\).*gives it shape \(4,\)"):
-        guide(4)
-
-
-def test_a_float_argument_does_not_retrace_the_model():
-    calls = []
-
-    def model(temperature):
-        calls.append(temperature)
-        pyro.sample("z", dist.Normal(0.0, temperature))
-
-    guide = AutoFlowGuide(model)
-    guide(1.0)
-    before = len(calls)
-    for t in (0.5, 0.25):
-        guide(t)
-    assert len(calls) == before
-
-
 # Flow options --------------------------------------------------------------------------------
-
-
-def one_site():
-    pyro.sample("mu", dist.Normal(0.0, 1.0))
-
-
-@pytest.mark.parametrize(
-    "options, error, message",
-    [
-        ({"hidden_features": ()}, ValueError, r"hidden_features=\(\): give one positive int"),
-        ({"hidden_features": (64, 0)}, ValueError, r"hidden_features=\(64, 0\)"),
-        ({"hidden_features": 64}, TypeError, r"options \{'hidden_features': 64\}.*\(64, 64\)"),
-        ({"transforms": -1}, ValueError, "transforms=-1: a flow needs at least one layer"),
-        ({"flow": "nsf", "bins": 1}, ValueError, "bins=1: a spline needs at least 2 bins"),
-        ({"activation": "relu"}, TypeError, r"'activation': 'relu'.*activation=torch.nn.ELU"),
-        ({"flow": "IAF"}, ValueError, r"Unknown flow 'IAF': use one of \['iaf'"),
-        ({"init_scale": float("inf")}, ValueError, "init_scale=inf: .* positive and finite"),
-    ],
-)
-def test_bad_flow_options(options, error, message):
-    with pytest.raises(error, match=message):
-        AutoFlowGuide(one_site, **options)
 
 
 # Checkpoints ---------------------------------------------------------------------------------
 
 
-def three(name, d):
-    def model():
-        pyro.sample(name, d.expand([3]).to_event(1))
-
-    return model
-
-
-def small(model, **options):
-    return AutoFlowGuide(model, **{"hidden_features": (8,), **options})
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    path = tmp_path / "fit.pt"
-    model = three("mu", dist.Normal(0.0, 1.0))
-    fit(model, small(model), num_steps=3, checkpoint=path)
-    pyro.clear_param_store()
-    return path
-
-
-def test_checkpoint_of_another_model_with_the_same_latent_size(checkpoint):
-    other = three("sigma", dist.HalfNormal(1.0))  # same parameter shapes as the saved one
-    with pytest.raises(
-        ValueError, match=r"written for latent sites \{'mu': \[3\]\}.*have \{'sigma': \[3\]\}"
-    ):
-        fit(other, small(other), num_steps=5, checkpoint=checkpoint)
-    fit(other, small(other), num_steps=5, checkpoint=checkpoint, resume=False)  # the way out
-    assert load_checkpoint(checkpoint)["step"] == 5
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"flow": "nsf_coupling"}, r"\{'flow': 'iaf', 'hidden_features': \(8,\)\}.*'nsf_coupl"),
-        ({"hidden_features": (16,)}, r"have \{'flow': 'iaf', 'hidden_features': \(16,\)\}"),
-        ({"randperm": True}, r"'randperm': True"),  # same shapes, other permutations
-    ],
-)
-def test_checkpoint_of_another_flow_configuration(checkpoint, options, message):
-    model = three("mu", dist.Normal(0.0, 1.0))
-    with pytest.raises(ValueError, match=message):
-        fit(model, small(model, **options), num_steps=5, checkpoint=checkpoint)
-
-
-def test_resume_may_change_stl_and_init_scale(checkpoint):
-    model = three("mu", dist.Normal(0.0, 1.0))
-    result = fit(model, small(model, init_scale=1.0), num_steps=5, checkpoint=checkpoint, stl=True)
-    assert result.num_steps == 5
-
-
-@pytest.mark.parametrize("cut", [0, 10, 0.5, -1], ids=["empty", "10_bytes", "half", "last_byte"])
-def test_truncated_checkpoint(checkpoint, cut):
-    data = checkpoint.read_bytes()
-    checkpoint.write_bytes(data[: int(cut * len(data)) if isinstance(cut, float) else cut])
-    model = three("mu", dist.Normal(0.0, 1.0))
-    with pytest.raises(ValueError, match=r"is truncated or corrupted.*resume=False to overwrite"):
-        fit(model, small(model), num_steps=5, checkpoint=checkpoint)
-
-
-def test_corrupted_checkpoint(checkpoint):
-    data = bytearray(checkpoint.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(64)
-    checkpoint.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="is truncated or corrupted"):
-        load_checkpoint(checkpoint)
-
-
-class Payload:
-    """Unpickling this creates a file: a stand-in for arbitrary code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-def test_checkpoint_that_asks_to_unpickle_code(tmp_path, writer):
-    path, marker = tmp_path / "fit.pt", str(tmp_path / "pwned")
-    state = {"format": "pyro_flows.fit/1", "step": Payload(marker)}
-    if writer == "torch.save":
-        torch.save(state, path)
-    else:
-        path.write_bytes(pickle.dumps(state))
-    model = three("mu", dist.Normal(0.0, 1.0))
-    with warnings.catch_warnings():
-        # torch warns about the protocol of a plain pickle before refusing it
-        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-        with pytest.raises(ValueError, match=r"asks to unpickle code \((io|builtins).open\)"):
-            fit(model, small(model), num_steps=5, checkpoint=path)
-    assert not os.path.exists(marker)
+def test_exceptions_are_exported_and_catchable_as_builtins():
+    assert issubclass(pyro_flows.DataError, ValueError)
+    assert issubclass(pyro_flows.NonFiniteLossError, FloatingPointError)
+    error = pyro_flows.NonFiniteLossError("the loss is nan", site="y", result="r")
+    assert (str(error), error.site, error.result) == ("the loss is nan", "y", "r")

@@ -15,8 +15,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_flows import AutoFlowGuide, fit
-from pyro_flows.checkpoint import load_checkpoint
+from pyro_flows import AutoFlowGuide, fit, load_checkpoint
 
 NUM_STEPS = 100
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])

@@ -1,9 +1,15 @@
+"""The flow factories: bijections with the right log-Jacobian, identity at the start, and
+clear errors for bad options."""
+
 from functools import partial
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 import zuko
 
+from pyro_flows import AutoFlowGuide
 from pyro_flows.flows import FLOWS, iaf, identity_init_, nsf, nsf_coupling, realnvp
 
 # Every flow family, plus what a user may pass as `flow=`: a zuko Flow and a torch Transform.
@@ -76,3 +82,25 @@ def test_parameter_count_grows_linearly_in_features():
     assert counts[1] - counts[0] < 2 * (counts[0] - 0), counts
     # (64, 64) hidden units: about 3 * (64 d + 64 * 64 + 2 d * 64) parameters.
     assert counts[1] < 3 * (64 * 2000 + 64 * 64 + 128 * 2000 + 2000 * 3 + 200)
+
+
+def one_site():
+    pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"hidden_features": ()}, ValueError, r"hidden_features=\(\): give one positive int"),
+        ({"hidden_features": (64, 0)}, ValueError, r"hidden_features=\(64, 0\)"),
+        ({"hidden_features": 64}, TypeError, r"options \{'hidden_features': 64\}.*\(64, 64\)"),
+        ({"transforms": -1}, ValueError, "transforms=-1: a flow needs at least one layer"),
+        ({"flow": "nsf", "bins": 1}, ValueError, "bins=1: a spline needs at least 2 bins"),
+        ({"activation": "relu"}, TypeError, r"'activation': 'relu'.*activation=torch.nn.ELU"),
+        ({"flow": "IAF"}, ValueError, r"Unknown flow 'IAF': use one of \['iaf'"),
+        ({"init_scale": float("inf")}, ValueError, "init_scale=inf: .* positive and finite"),
+    ],
+)
+def test_bad_flow_options(options, error, message):
+    with pytest.raises(error, match=message):
+        AutoFlowGuide(one_site, **options)

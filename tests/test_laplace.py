@@ -206,17 +206,3 @@ def test_start_outside_the_support_is_refused():
 
     with pytest.raises(ValueError, match="not finite at the starting point"):
         laplace_start(model, init_loc_fn=init_to_value(values={"a": torch.tensor(1.0)}))
-
-
-@pytest.mark.parametrize(
-    "init_scale, error, match",
-    [
-        ({"nope": 0.1}, ValueError, r"\['nope'\], which are not latent sites"),
-        ({"rate": torch.ones(3)}, ValueError, r"shape \(3,\).*unconstrained shape \(\)"),
-        ({"rate": 0.0}, ValueError, r"init_scale\['rate'\].*positive and finite"),
-        ({"rate": "0.1"}, TypeError, r"init_scale\['rate'\] must be a positive number"),
-    ],
-)
-def test_bad_init_scale_per_site(init_scale, error, match):
-    with pytest.raises(error, match=match):
-        AutoFlowGuide(gamma_poisson, init_scale=init_scale)(torch.ones(3))

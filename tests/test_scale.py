@@ -3,47 +3,14 @@ memory, and hierarchical models with 1,000 and 10,000 latent dimensions fit."""
 
 import math
 import time
-from functools import partial
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-import zuko
-from zuko.transforms import MonotonicRQSTransform
 
 from benchmarks.scale import run_one
 from pyro_flows import FLOWS, AutoFlowGuide, fit
-from pyro_flows.made import masked_autoregressive
-
-SPLINE = {"univariate": partial(MonotonicRQSTransform, slope=1e-3), "shapes": [(4,), (4,), (3,)]}
-
-
-@pytest.mark.parametrize("features", [1, 2, 5, 33])
-@pytest.mark.parametrize("passes", [None, 2], ids=["autoregressive", "coupling"])
-@pytest.mark.parametrize("randperm", [False, True])
-@pytest.mark.parametrize("spline", [False, True], ids=["affine", "spline"])
-def test_made_is_zukos(features, passes, randperm, spline):
-    """The O(D H) construction gives zuko's layers: same masks, weights and outputs."""
-
-    options = {"transforms": 2, "randperm": randperm, "passes": passes, "hidden_features": [8, 5]}
-    torch.manual_seed(1)
-    if spline:
-        expected = zuko.flows.NSF(features, bins=4, **options).transform
-    else:
-        expected = zuko.flows.MAF(features, **options).transform
-    torch.manual_seed(1)
-    built = masked_autoregressive(features, **options, **(SPLINE if spline else {}))
-    reference = expected.state_dict()
-    assert built.state_dict().keys() == reference.keys()
-    for name, value in built.state_dict().items():
-        assert torch.equal(value, reference[name]), name
-    with torch.no_grad():
-        for p in built.parameters():  # away from the identity
-            p.add_(0.1 * torch.randn_like(p))
-        expected.load_state_dict(built.state_dict())
-    x = torch.randn(4, features)
-    torch.testing.assert_close(built()(x), expected()(x), rtol=0, atol=0)
 
 
 def num_parameters(flow, features):

@@ -1,11 +1,14 @@
 r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-back, resume."""
 
+__all__ = ["DeferredInterrupt", "FitLoop", "Stopping", "plateau"]
+
 import contextlib
 import math
 import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,20 +18,15 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
-from . import checkpoint as ckpt
-from ._data_checks import MASK_ADVICE, nonfinite_arguments
-from .guard import (
-    NonFiniteLossError,
-    all_finite,
-    find_nonfinite,
-    is_invalid_value_error,
-    nonfinite_grads,
-)
+from . import _checkpoint as ckpt
+from ._checks import MASK_ADVICE, nonfinite_arguments
+from ._guard import all_finite, find_nonfinite, is_invalid_value_error, nonfinite_grads
+from .errors import NonFiniteLossError
 
 LR_FACTOR = 0.5
 
 
-class Run:
+class FitLoop:
     r"""The mutable state of one fit: step counter, history, roll-back snapshot."""
 
     def __init__(
@@ -41,6 +39,7 @@ class Run:
         loss: ELBO | None,
         path: str | os.PathLike | None,
         result: Any,
+        max_failures: int,
     ) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.optim, self.loss = optim, Trace_ELBO() if loss is None else loss
@@ -51,23 +50,19 @@ class Run:
         self.previous: dict[str, Any] | None = None  # the one before, while updating
         self.failures, self.pending, self.bad_grads = 0, 1.0, []
         self.in_step, self.updating, self.rng = False, False, None
-        self.max_failures, self.bar = 10, None
+        self.max_failures, self.bar = max_failures, None
 
     @property
     def step(self) -> int:
         return len(self.result.losses)
 
-    def loop(
-        self,
-        num_steps: int,
-        patience: int | None,
-        min_delta: float,
-        callback: Callable | None,
-        every: int,
-    ) -> None:
+    def loop(self, num_steps: int, stopping: "Stopping", every: int, bar: Any) -> None:
+        r"""Steps until `num_steps` or a stopping rule; checkpoints every `every` steps;
+        `bar` is the progress bar (``bar.advance(step, result)``)."""
+        self.bar = bar
         try:
             with DeferredInterrupt() as interrupt:
-                self.steps(num_steps, patience, min_delta, callback, every, interrupt)
+                self.steps(num_steps, stopping, every, interrupt)
         except KeyboardInterrupt:
             self.stop("interrupted")
         except Exception:
@@ -78,13 +73,7 @@ class Run:
         self.save()
 
     def steps(
-        self,
-        num_steps: int,
-        patience: int | None,
-        min_delta: float,
-        callback: Callable | None,
-        every: int,
-        interrupt: "DeferredInterrupt",
+        self, num_steps: int, stopping: "Stopping", every: int, interrupt: "DeferredInterrupt"
     ) -> None:
         while self.step < num_steps:
             kept = self.attempt()
@@ -94,11 +83,9 @@ class Run:
                 continue
             if self.path is not None and self.step % every == 0:
                 self.save()
-            if plateau(self.result.losses, patience, min_delta):
-                self.result.stop_reason = "early_stopping"
-                return
-            if callback is not None and callback(self.step - 1, self.result.losses[-1]):
-                self.result.stop_reason = "callback"
+            reason = stopping.reason(self.result.losses)
+            if reason is not None:
+                self.result.stop_reason = reason
                 return
 
     def attempt(self) -> bool:
@@ -230,6 +217,24 @@ class Run:
         self.failures, self.pending = guard["failures"], guard["pending"]
         self.result.num_failures, self.result.lr_factor = guard["num_failures"], guard["lr_factor"]
         ckpt.set_rng_state(state["rng"])
+
+
+@dataclass(frozen=True)
+class Stopping:
+    r"""The rules that end a fit early: a plateau of the loss, or the user's callback."""
+
+    patience: int | None = None
+    min_delta: float = 0.0
+    callback: Callable[[int, float], bool | None] | None = None
+
+    def reason(self, losses: list[float]) -> str | None:
+        r"""Returns why to stop after the last step (``"early_stopping"`` or ``"callback"``),
+        or :py:`None` to go on."""
+        if plateau(losses, self.patience, self.min_delta):
+            return "early_stopping"
+        if self.callback is not None and self.callback(len(losses) - 1, losses[-1]):
+            return "callback"
+        return None
 
 
 def plateau(losses: list[float], patience: int | None, min_delta: float) -> bool:

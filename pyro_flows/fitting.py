@@ -1,8 +1,13 @@
-r"""The fitting loop: progress, early stopping, a non-finite guard, interrupts and checkpoints."""
+r"""Fitting a guide: :func:`fit`, its record :class:`FitResult`, and its checkpoints.
+
+The loop (:mod:`pyro_flows._loop`) takes guarded steps (:mod:`pyro_flows._guard`) and writes
+checkpoints (:mod:`pyro_flows._checkpoint`); this module is what a user calls.
+"""
 
 __all__ = [
     "FitResult",
     "fit",
+    "load_checkpoint",
 ]
 
 import math
@@ -12,17 +17,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 import pyro
 import torch
+import tqdm
+import tqdm.auto
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
-from . import checkpoint as ckpt
-from .loop import Run
-from .progress import progress_bar as make_progress_bar
+from . import _checkpoint
+from ._loop import FitLoop, Stopping
 
 
 @dataclass
@@ -151,8 +158,8 @@ def fit(
         checkpoint_every: The number of steps between checkpoints.
         resume: Whether to resume from `checkpoint` when it exists (if :py:`False`, it is
             overwritten).
-        stl: Whether the guide uses the "sticking the landing" gradient. If :py:`None`, leave
-            the guide's `stl` attribute as it is.
+        stl: Deprecated: set it on the guide, ``AutoFlowGuide(model, stl=True)``. Accepted
+            with a ``FutureWarning`` until the next release (it sets the guide's `stl`).
         kwargs: Keyword arguments of the model and guide.
 
     Returns:
@@ -183,19 +190,16 @@ def fit(
     _set_stl(guide, stl)
     optim = _optimizer(optim, lr_schedule)
     result = FitResult(checkpoint=None if checkpoint is None else os.fspath(checkpoint))
-    run = Run(model, guide, args, kwargs, optim, loss, checkpoint, result)
-    run.max_failures = max_failures
+    run = FitLoop(model, guide, args, kwargs, optim, loss, checkpoint, result, max_failures)
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        run.resume(ckpt.load_checkpoint(checkpoint))
+        run.resume(load_checkpoint(checkpoint))
     file = sys.stderr if file is None else file
-    with (
-        make_progress_bar(num_steps, run.step, file, progress_bar) as bar,
-        warnings.catch_warnings(),
-    ):
+    show = _is_interactive(file) if progress_bar is None else progress_bar
+    with _ProgressBar(num_steps, run.step, file, show) as bar, warnings.catch_warnings():
         # Pyro warns about NaN log-densities; the guard handles them and counts them instead.
         warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
-        run.bar = bar
-        run.loop(num_steps, patience, min_delta, callback, checkpoint_every)
+        stopping = Stopping(patience, min_delta, callback)
+        run.loop(num_steps, stopping, checkpoint_every, bar)
     return run.result
 
 
@@ -224,6 +228,12 @@ def _check(
 def _set_stl(guide: Callable, stl: bool | None) -> None:
     if stl is None:
         return
+    warnings.warn(
+        "fit(stl=...) is deprecated: set it where the guide is made, "
+        "AutoFlowGuide(model, stl=True); fit's option will be removed in the next release.",
+        FutureWarning,
+        stacklevel=3,
+    )
     if hasattr(guide, "stl"):
         guide.stl = bool(stl)
     elif stl:
@@ -253,3 +263,78 @@ def _optimizer(optim: PyroOptim | None, lr_schedule: Callable[[int], float] | No
         "lr_lambda": lr_schedule,
     }
     return PyroLRScheduler(torch.optim.lr_scheduler.LambdaLR, args, optim.pt_clip_args or None)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    r"""Loads a checkpoint written by :func:`pyro_flows.fit`, without unpickling any code.
+
+    Arguments:
+        path: The checkpoint file.
+
+    Returns:
+        A dict with the step counter (:py:`"step"`), the loss history (:py:`"losses"`), the
+        unconstrained parameters (:py:`"params"`), the optimizer state (:py:`"optim"`) and the
+        random generator states (:py:`"rng"`).
+
+    Example:
+        >>> import os, tempfile, pyro, pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> path = os.path.join(tempfile.mkdtemp(), "fit.pt")
+        >>> result = fit(model, AutoNormal(model), num_steps=5, checkpoint=path)
+        >>> load_checkpoint(path)["step"]
+        5
+    """
+
+    return _checkpoint.read_checkpoint(path)
+
+
+def _is_interactive(file: IO[str]) -> bool:
+    r"""Whether `file` is a terminal, or the standard error of a Jupyter kernel."""
+
+    if file is sys.stderr and "ipykernel" in sys.modules:
+        return True
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _ProgressBar:
+    r"""A tqdm bar over steps, with the mean ELBO of the last 100 steps as postfix."""
+
+    def __init__(self, total: int, initial: int, file: IO[str], show: bool) -> None:
+        self.bar = None
+        if show:
+            auto = file is sys.stderr and "ipykernel" in sys.modules
+            cls = tqdm.auto.tqdm if auto else tqdm.tqdm
+            self.bar = cls(total=total, initial=initial, file=file, unit="step", desc="fit")
+
+    def advance(self, step: int, result: Any) -> None:
+        r"""Moves the bar to `step` (backwards after a roll-back) and updates the ELBO."""
+
+        if self.bar is None:
+            return
+        if step < self.bar.n or step % 10 == 0 or result.num_failures:
+            postfix = {"elbo": f"{result.elbo():.5g}"}
+            if result.num_failures:
+                postfix["undone"] = result.num_failures
+            self.bar.set_postfix(postfix, refresh=False)
+        if step >= self.bar.n:
+            self.bar.update(step - self.bar.n)
+        else:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -4,9 +4,7 @@ A checkpoint holds only tensors, numbers, strings, and lists, tuples and dicts o
 loads with :py:`torch.load(path, weights_only=True)`: opening a checkpoint never runs code.
 """
 
-__all__ = [
-    "load_checkpoint",
-]
+__all__ = ["read_checkpoint", "save_checkpoint"]
 
 import glob
 import os
@@ -199,28 +197,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    r"""Loads a checkpoint written by :func:`pyro_flows.fit`, without unpickling any code.
-
-    Arguments:
-        path: The checkpoint file.
-
-    Returns:
-        A dict with the step counter (:py:`"step"`), the loss history (:py:`"losses"`), the
-        unconstrained parameters (:py:`"params"`), the optimizer state (:py:`"optim"`) and the
-        random generator states (:py:`"rng"`).
-
-    Example:
-        >>> import os, tempfile, pyro, pyro.distributions as dist
-        >>> from pyro.infer.autoguide import AutoNormal
-        >>> from pyro_flows import fit
-        >>> def model():
-        ...     pyro.sample("z", dist.Normal(0.0, 1.0))
-        >>> path = os.path.join(tempfile.mkdtemp(), "fit.pt")
-        >>> result = fit(model, AutoNormal(model), num_steps=5, checkpoint=path)
-        >>> load_checkpoint(path)["step"]
-        5
-    """
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    r"""Reads a checkpoint (see :func:`pyro_flows.load_checkpoint`); a clear
+    :py:`ValueError` for a file that is not one, is truncated, or asks to unpickle code."""
 
     try:
         _check_crc(path)

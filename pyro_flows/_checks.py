@@ -1,16 +1,20 @@
-r"""Checks of a model's data: non-finite observations and arguments, named for the user."""
+r"""Checks of what a user passes in: integer options, and a model's data (non-finite
+observations and arguments), with errors that name the culprit and say what to do."""
 
 from __future__ import annotations
 
-__all__ = ["MASK_ADVICE", "DataError", "check_data", "nonfinite_arguments"]
+__all__ = ["MASK_ADVICE", "check_data", "check_int", "nonfinite_arguments"]
 
 import inspect
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import torch
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
+
+from .errors import DataError
 
 MASK_ADVICE = (
     "Drop those entries, or replace them with any finite value (e.g. torch.nan_to_num) and "
@@ -19,11 +23,19 @@ MASK_ADVICE = (
 )
 
 
-class DataError(ValueError):
-    r"""Raised when a model's data hold NaN or infinite values where they cannot work.
+def check_int(name: str, value: Any, low: int) -> None:
+    r"""Raises a :py:`TypeError` unless ``value`` is an int, a :py:`ValueError` if below ``low``.
 
-    A :py:`ValueError`; :func:`pyro_flows.fit` does not retry it as a non-finite step.
+    Example:
+        >>> check_int("num_samples", 0, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_samples must be at least 1, got 0.
     """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}.")
 
 
 def _count(value: Tensor) -> str:
@@ -136,7 +148,7 @@ def check_data(trace: Trace, model: Callable[..., object], args: tuple, kwargs: 
         >>> check_data(poutine.trace(model).get_trace(y), model, (y,), {})
         Traceback (most recent call last):
         ...
-        pyro_flows._data_checks.DataError: Observed site 'y' holds 1 NaN ...
+        pyro_flows.errors.DataError: Observed site 'y' holds 1 NaN ...
     """
 
     _observed_nonfinite(trace, model, args, kwargs)

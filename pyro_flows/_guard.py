@@ -1,11 +1,8 @@
 r"""Guarding a fit against non-finite losses: detection, and the site to blame."""
 
-__all__ = [
-    "NonFiniteLossError",
-]
+__all__ = ["all_finite", "find_nonfinite", "is_invalid_value_error", "nonfinite_grads"]
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import pyro
 import torch
@@ -14,30 +11,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from ._data_checks import DataError
-
-
-class NonFiniteLossError(FloatingPointError):
-    r"""Raised by :func:`pyro_flows.fit` when the loss stays non-finite after repeated retries.
-
-    The parameters are left at the last state whose loss and gradients were finite.
-
-    Arguments:
-        message: What went wrong and what to do.
-        site: The name of the first site whose log-density (or value) is not finite, if one
-            was found by tracing the model and guide.
-        result: The :class:`pyro_flows.FitResult` of the steps done before the failure.
-
-    Example:
-        >>> error = NonFiniteLossError("the loss is nan", site="y")
-        >>> error.site
-        'y'
-    """
-
-    def __init__(self, message: str, site: str | None = None, result: Any = None) -> None:
-        super().__init__(message)
-        self.site = site
-        self.result = result
+from .errors import DataError
 
 
 def is_invalid_value_error(error: BaseException) -> bool:

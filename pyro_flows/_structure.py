@@ -1,35 +1,40 @@
-r"""What the sites of a model look like for one draw, and reshaping values by them."""
+r"""What the sites of a model look like for one draw: their kinds, shapes and plates.
+
+Also the knowledge about sites that more than one part of the package needs: the number of
+plate dimensions, subsampled plates, and the pair of sites that ``obs_mask`` creates.
+"""
 
 __all__ = [
     "Site",
     "Structure",
-    "batch",
-    "check_int",
-    "inspect",
-    "inspect_values",
     "log_likelihood",
+    "model_structure",
+    "observed_partner",
+    "plate_nesting",
     "site_values",
+    "subsampled_plate",
     "user_model",
 ]
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine import Trace
 from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from torch import Size, Tensor
 
-from ._replay import samples, to_draws, trace, traces, values_trace
+from ._checks import check_int
+from ._replay import samples, to_draws, traces
 
 CHUNK_ELEMENTS = 2**20  # site values and log-densities per chunk
 
@@ -82,15 +87,6 @@ class Structure:
         return max(1, min(num_samples, CHUNK_ELEMENTS // max(1, per_draw)))
 
 
-def check_int(name: str, value: Any, low: int) -> None:
-    r"""Raises a :py:`TypeError` unless ``value`` is an int, a :py:`ValueError` if below
-    ``low``."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}.")
-
-
 def user_model(guide: Any) -> Callable:
     r"""Returns the user's model of an autoguide, without the ``InitMessenger`` around it.
 
@@ -107,7 +103,7 @@ def user_model(guide: Any) -> Callable:
         model = inner.args[1]
 
 
-def inspect(
+def model_structure(
     model: Callable,
     guide: Callable,
     args: tuple,
@@ -153,21 +149,6 @@ def _check_guided(model_trace: Trace, guide_trace: Trace) -> None:
         )
 
 
-def inspect_values(
-    model: Callable,
-    values: Mapping[str, Tensor],
-    args: tuple,
-    kwargs: dict,
-    *,
-    max_plate_nesting: int | None = None,
-) -> Structure:
-    r"""Like :func:`inspect`, replaying the model on one draw's given latent values."""
-    given = values_trace(values)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        model_trace = trace(poutine.replay(model, trace=given), args, kwargs)
-    return _structure(model_trace, given, max_plate_nesting)
-
-
 def _warn_masked(model_trace: Trace) -> None:
     r"""Warns about latent sites with entries the model masks out (``obs_mask``,
     ``poutine.mask``).
@@ -196,9 +177,8 @@ def _held_at_data(model_trace: Trace, name: str, masked: Tensor) -> bool:
     r"""Whether the guide holds the masked entries of an ``obs_mask`` site
     (``<name>_unobserved``) at the observed values, as :class:`~pyro_flows.AutoFlowGuide`
     does: a free draw equals the data with probability zero."""
-    base = name.removesuffix("_unobserved")
-    observed = model_trace.nodes.get(f"{base}_observed")
-    if base == name or observed is None or not observed["is_observed"]:
+    observed = observed_partner(model_trace, name)
+    if observed is None:
         return False
     value = model_trace.nodes[name]["value"]
     equal = (value == observed["value"]).reshape(*masked.shape, -1).all(-1)
@@ -206,18 +186,16 @@ def _held_at_data(model_trace: Trace, name: str, masked: Tensor) -> bool:
 
 
 def _structure(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int | None) -> Structure:
-    nesting = 0
-    for name, site in [*samples(guide_trace), *samples(model_trace)]:
-        for frame in site["cond_indep_stack"]:
-            if not frame.vectorized or frame.dim is None:
-                continue
-            nesting = max(nesting, -frame.dim)
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise ValueError(
-                    f"Plate {frame.name!r} subsamples {frame.size} of {frame.full_size} points "
-                    f"at site {name!r}: draws are scored on the whole data. Call the model with "
-                    "the arguments that make it use all of it (no subsample_size)."
-                )
+    both = [*samples(guide_trace), *samples(model_trace)]
+    for name, site in both:
+        frame = subsampled_plate(site)
+        if frame is not None:
+            raise ValueError(
+                f"Plate {frame.name!r} subsamples {frame.size} of {frame.full_size} points "
+                f"at site {name!r}: draws are scored on the whole data. Call the model with "
+                "the arguments that make it use all of it (no subsample_size)."
+            )
+    nesting = plate_nesting(site for _, site in both)
     if max_plate_nesting is not None:
         check_int("max_plate_nesting", max_plate_nesting, 0)
         nesting = max_plate_nesting
@@ -246,20 +224,6 @@ def _site(site: dict) -> Site:
     return Site(kind, value.shape, event_dim, plates, site["fn"], value)
 
 
-def batch(values: Mapping[str, Tensor], structure: Structure) -> dict[str, Tensor]:
-    r"""Reshapes draws ``(S, *shape)`` of sites to their shapes under the plate over draws.
-
-    Sites outside some of the model's plates get size-one dimensions between the draws and
-    their own batch dimensions.
-    """
-    result = {}
-    for name, value in values.items():
-        site = structure.sites[name]
-        pad = structure.max_plate_nesting - (len(site.shape) - site.event_dim)
-        result[name] = value.reshape(len(value), *(1,) * pad, *site.shape)
-    return result
-
-
 def site_values(
     trace: Trace, names: list[str], structure: Structure, num_draws: int
 ) -> dict[str, Tensor]:
@@ -280,3 +244,74 @@ def log_likelihood(
         log_lik = scale_and_mask(node["unscaled_log_prob"], mask=node["mask"])
         result[name] = to_draws(log_lik, num_draws, site.fn.log_prob(site.value).shape)
     return result
+
+
+def plate_nesting(sites: Iterable[dict]) -> int:
+    r"""Returns the number of plate dimensions that sample sites use (Pyro's
+    ``max_plate_nesting``).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> def model():
+        ...     with pyro.plate("a", 2, dim=-2):
+        ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> trace = poutine.trace(model).get_trace()
+        >>> plate_nesting(site for _, site in trace.iter_stochastic_nodes())
+        2
+    """
+    return max(
+        (
+            -frame.dim
+            for site in sites
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.dim is not None
+        ),
+        default=0,
+    )
+
+
+def subsampled_plate(site: dict) -> CondIndepStackFrame | None:
+    r"""Returns the first plate of a site that subsamples (uses fewer points than it has), or
+    :py:`None`.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> def model():
+        ...     with pyro.plate("data", 100, subsample_size=10):
+        ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> site = poutine.trace(model).get_trace().nodes["x"]
+        >>> subsampled_plate(site).name
+        'data'
+    """
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.size != frame.full_size:
+            return frame
+    return None
+
+
+def observed_partner(trace: Trace, name: str) -> dict | None:
+    r"""Returns the observed half of an ``obs_mask`` pair, given the latent half's name.
+
+    ``pyro.sample(name, fn, obs=y, obs_mask=m)`` creates a latent site ``{name}_unobserved``
+    and an observed site ``{name}_observed``; the latent one's entries where ``m`` is true
+    are thrown away by the model. Returns the observed site for a latent site so named
+    (:py:`None` for any other site).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> def model():
+        ...     pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.zeros(2),
+        ...                 obs_mask=torch.tensor([True, False]))
+        >>> trace = poutine.trace(model).get_trace()
+        >>> observed_partner(trace, "y_unobserved")["name"]
+        'y_observed'
+    """
+    base = name.removesuffix("_unobserved")
+    observed = trace.nodes.get(f"{base}_observed")
+    if base == name or observed is None or observed["type"] != "sample":
+        return None
+    return observed if observed["is_observed"] else None
