@@ -28,9 +28,6 @@ extensions = [
 ]
 
 exclude_patterns = ["README.md", "_build", "**/.ipynb_checkpoints"]
-# Pages listed in index.md's navigation that are being written elsewhere: until their file
-# exists, their entry is dropped (a missing toctree entry would fail the strict build).
-OPTIONAL_PAGES = ("errors", "scale")
 
 # Notebooks are shown with the outputs of their committed full run, never executed here.
 nb_execution_mode = "off"
@@ -64,15 +61,20 @@ def py_role(
     return [node], []
 
 
-def drop_missing_pages(app: object, docname: str, source: list[str]) -> None:
-    """Removes the toctree entries of OPTIONAL_PAGES that do not exist (yet)."""
-    if docname != "index":
-        return
-    for page in OPTIONAL_PAGES:
-        if not (Path(app.srcdir) / f"{page}.md").exists():
-            source[0] = source[0].replace(f"\n{page}\n", "\n")
+def keep_notebook_outputs_inside(app: object) -> None:
+    """Writes the notebooks' images into the doctree folder, not next to the output folder.
+
+    myst-nb writes them to ``jupyter_execute`` beside the output folder (``build/docs`` gives
+    ``build/jupyter_execute``) and has no setting for it. The doctree folder is inside the
+    output folder unless ``-d`` puts it elsewhere, so a build writes nothing outside what the
+    command line names.
+    """
+    config = app.env.mystnb_config
+    folder = Path(app.doctreedir) / "jupyter_execute"
+    app.env.mystnb_config = config.copy(output_folder=str(folder.resolve()))
 
 
 def setup(app: object) -> None:
     app.add_role("py", py_role)
-    app.connect("source-read", drop_missing_pages)
+    # After myst-nb's own builder-inited handler (priority 500), which sets the folder.
+    app.connect("builder-inited", keep_notebook_outputs_inside, priority=600)

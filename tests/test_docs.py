@@ -26,6 +26,7 @@ def python_blocks(page: Path) -> list[str]:
     return FENCE.findall(page.read_text())
 
 
+@pytest.mark.slow  # the page's full-length fit: about a minute on one thread
 def test_getting_started(tmp_path, monkeypatch, capsys):
     blocks = python_blocks(DOCS / "getting-started.md")
     assert len(blocks) >= 5
@@ -41,6 +42,7 @@ def test_getting_started(tmp_path, monkeypatch, capsys):
     assert namespace["diagnosis"].verdict in ("trust", "use with care", "do not trust")
 
 
+@pytest.mark.slow  # full-length fits and, for neutra.md, NUTS: one to two minutes each
 @pytest.mark.parametrize("page", ["initialization.md", "neutra.md"])
 def test_page_code_runs(page, tmp_path, monkeypatch, capsys):
     """The other pages whose code blocks form a whole program run as written too."""

@@ -1,5 +1,6 @@
 """Every example runs with tiny settings (a smoke test; accuracy is tested elsewhere)."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -22,13 +23,24 @@ def figures(tmp_path):
     return run
 
 
-def test_eight_schools(capsys, figures):
+def test_eight_schools(capsys, caplog, figures):
     import eight_schools
 
-    summary, pngs = figures(eight_schools.main, "--num-particles", "2")
+    # Pyro's logger does not propagate to the root logger that caplog watches.
+    pyro_logger = logging.getLogger("pyro")
+    pyro_logger.addHandler(caplog.handler)
+    try:
+        summary, pngs = figures(eight_schools.main, "--num-particles", "2")
+    finally:
+        pyro_logger.removeHandler(caplog.handler)
     out = capsys.readouterr().out
     assert "AutoFlowGuide" in out and "theta[7]" in out
+    assert "2000 reference draws from examples/data/eight_schools_reference.npz" in out
+    assert set(summary) == {"AutoNormal", "AutoFlowGuide", "NUTS (posteriordb)"}
     assert set(summary["AutoFlowGuide"]) == {"mu", "tau", *(f"theta[{j}]" for j in range(8))}
+    # The bundled reference: posteriordb's NUTS posterior (mean and sd of tau about 3.5 and 3.2).
+    assert summary["NUTS (posteriordb)"]["tau"][:2] == pytest.approx([3.5, 3.2], abs=0.1)
+    assert "Guessed max_plate_nesting" not in caplog.text  # the example passes it to the ELBO
     assert pngs == ["eight_schools_elbo.png", "eight_schools_marginals.png"]
 
 
