@@ -4,7 +4,8 @@ from ._version import __version__
 from ._zuko import zuko  # noqa: F401  (before zuko is imported elsewhere: keeps validation)
 from .arviz import to_inference_data
 from .diagnostics import Diagnosis, diagnose
-from .errors import DataError, NonFiniteLossError
+from .elbo import VmapTrace_ELBO
+from .errors import DataError, NonFiniteLossError, StartWarning
 from .fitting import FitResult, fit, load_checkpoint
 from .flows import FLOWS
 from .guides import AutoFlowGuide
@@ -21,6 +22,8 @@ __all__ = [
     "ImportanceWeights",
     "LaplaceStart",
     "NonFiniteLossError",
+    "StartWarning",
+    "VmapTrace_ELBO",
     "__version__",
     "diagnose",
     "fit",

@@ -1,6 +1,6 @@
 r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-back, resume."""
 
-__all__ = ["DeferredInterrupt", "FitLoop", "Stopping", "plateau"]
+__all__ = ["DeferredInterrupt", "FitLoop", "Stopping", "plated", "plateau"]
 
 import contextlib
 import math
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
@@ -21,6 +21,7 @@ from pyro.optim.lr_scheduler import PyroLRScheduler
 from . import _checkpoint as ckpt
 from ._checks import MASK_ADVICE, nonfinite_arguments
 from ._guard import all_finite, find_nonfinite, is_invalid_value_error, nonfinite_grads
+from .elbo import VmapTrace_ELBO, mixed_particles, particles_error
 from .errors import NonFiniteLossError
 
 LR_FACTOR = 0.5
@@ -51,6 +52,7 @@ class FitLoop:
         self.failures, self.pending, self.bad_grads = 0, 1.0, []
         self.in_step, self.updating, self.rng = False, False, None
         self.max_failures, self.bar = max_failures, None
+        self.checked = not plated(self.loss)  # the plate over particles, checked once
 
     @property
     def step(self) -> int:
@@ -93,12 +95,15 @@ class FitLoop:
         with poutine.trace(param_only=True) as capture:
             try:
                 value = self.loss.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
-            except ValueError as error:
+            except Exception as error:
                 if not is_invalid_value_error(error):
+                    self.explain(error)
                     raise
                 value = math.nan
         if not isinstance(value, float | int):
             raise TypeError(f"fit needs a loss that returns one number, got {value!r}")
+        if not self.checked and math.isfinite(value):
+            self.check_particles()
         sites = capture.trace.nodes.values()
         params = ckpt.param_names(site["value"].unconstrained() for site in sites)
         self.params.update(params)
@@ -115,6 +120,24 @@ class FitLoop:
         self.failures, self.pending, self.in_step = 0, 1.0, False
         self.bar.advance(self.step, self.result)
         return True
+
+    def explain(self, error: Exception) -> None:
+        r"""Raises a :py:`ValueError` that says what to do, from an error of a step whose
+        particles are vectorized under a plate, if the model does not broadcast over them."""
+        if plated(self.loss):
+            args = (self.loss, self.model, self.guide, self.args, self.kwargs)
+            explained = particles_error(*args, error)
+            if explained is not None:
+                raise explained from error
+
+    def check_particles(self) -> None:
+        r"""Once per fit: raises a :py:`ValueError` if the plate over particles mixes them."""
+        self.checked = True
+        if isinstance(self.loss, TraceEnum_ELBO):
+            return  # its guides enumerate: a plain run would not score them
+        error = mixed_particles(self.loss, self.model, self.guide, self.args, self.kwargs)
+        if error is not None:
+            raise error
 
     def update(self, params: dict[str, torch.Tensor], value: float) -> None:
         self.updating = True
@@ -197,8 +220,9 @@ class FitLoop:
         with poutine.trace(param_only=True) as capture:
             try:
                 self.loss.loss(self.model, self.guide, *self.args, **self.kwargs)
-            except ValueError as error:
+            except Exception as error:
                 if not is_invalid_value_error(error):
+                    self.explain(error)
                     raise
         sites = capture.trace.nodes.values()
         self.params = ckpt.param_names(site["value"].unconstrained() for site in sites)
@@ -217,6 +241,14 @@ class FitLoop:
         self.failures, self.pending = guard["failures"], guard["pending"]
         self.result.num_failures, self.result.lr_factor = guard["num_failures"], guard["lr_factor"]
         ckpt.set_rng_state(state["rng"])
+
+
+def plated(loss: ELBO) -> bool:
+    r"""Whether a loss draws its particles under a plate over particles that the model
+    must broadcast over (Pyro's ``vectorize_particles`` with more than one particle)."""
+    vectorized = bool(getattr(loss, "vectorize_particles", False))
+    many = getattr(loss, "num_particles", 1) > 1
+    return vectorized and many and not isinstance(loss, VmapTrace_ELBO)
 
 
 @dataclass(frozen=True)

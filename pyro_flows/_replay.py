@@ -10,11 +10,14 @@ plain run of a single draw.
 
 __all__ = [
     "ResampleObserved",
+    "SetValues",
     "draws_plate",
     "log_probs",
     "nonfinite",
     "per_draw",
+    "sampled",
     "samples",
+    "subsample_trace",
     "to_draws",
     "total",
     "trace",
@@ -29,10 +32,12 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta
 from pyro.poutine import Trace
 from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch import Size, Tensor
 
 DRAWS = "_pyro_flows_draws"
@@ -48,6 +53,35 @@ class ResampleObserved(UnconditionMessenger):
     def _pyro_sample(self, msg: Any) -> None:
         if not (msg["infer"] or {}).get("_deterministic"):
             super()._pyro_sample(msg)
+
+
+class SetValues(Messenger):
+    r"""Gives the named latent sample sites the given values instead of sampling them.
+
+    Example:
+        >>> def model():
+        ...     return pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+        >>> SetValues({"x": torch.tensor(2.0)})(model)()
+        tensor(2.)
+    """
+
+    def __init__(self, values: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"], msg["done"] = self.values[msg["name"]], True
+
+
+def sampled(site: dict) -> bool:
+    r"""Whether a guide site is drawn at random (not observed, not a ``Delta``)."""
+    if site["is_observed"]:
+        return False
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return bool((site["infer"] or {}).get("is_auxiliary")) or not isinstance(fn, Delta)
 
 
 def draws_plate(num_draws: int, batch_ndim: int | None) -> AbstractContextManager:
@@ -69,17 +103,29 @@ def trace(fn: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Trace:
 
 
 def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
-    r"""Traces the guide and the model replayed on it (or runs a ``GuideMessenger``).
+    r"""Traces the guide and the model replayed on it (or runs a ``GuideMessenger``), as
+    Pyro's ELBOs do: the model gets the guide's subsample indices too.
 
     Returns:
-        The model's trace and the guide's trace.
+        The model's trace and the guide's trace, without subsample sites.
     """
     if isinstance(poutine.unwrap(guide), GuideMessenger):
         guide(*args, **kwargs)
         model_trace, guide_trace = poutine.unwrap(guide).get_traces()
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-    guide_trace = trace(guide, args, kwargs)
-    return trace(poutine.replay(model, trace=guide_trace), args, kwargs), guide_trace
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = trace(poutine.replay(model, trace=guide_trace), args, kwargs)
+    return model_trace, prune_subsample_sites(guide_trace)
+
+
+def subsample_trace(trace: Trace) -> Trace:
+    r"""Returns a copy of a trace with only its subsample sites (a plate's indices), to
+    replay them into another run."""
+    trace = trace.copy()
+    for name, site in list(trace.nodes.items()):
+        if not site_is_subsample(site):
+            trace.remove_node(name)
+    return trace
 
 
 def samples(trace: Trace) -> list[tuple[str, dict]]:

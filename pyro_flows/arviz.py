@@ -76,11 +76,11 @@ def to_inference_data(
         chunk_size: The number of draws per model run. If :py:`None`, as many as keep a
             chunk's site values and log-densities near :math:`2^{20}` numbers (about 260
             draws of a model with 1,000 observations).
-        vectorize: What to do with a model that does not broadcast over a leading batch
-            dimension (found by running it on a chunk of draws and checking two draws
-            against single-draw runs): if :py:`None`, warn and run it once per draw
-            (slow); if :py:`True`, raise a :py:`ValueError`; if :py:`False`, run it once per
-            draw without trying.
+        vectorize: What to do with a model that runs vectorized neither under a plate over
+            draws nor under ``torch.func.vmap`` (found by running it on a chunk of draws and
+            checking two draws against single-draw runs): if :py:`None`, warn and run it
+            once per draw (slow); if :py:`True`, raise a :py:`ValueError`; if :py:`False`,
+            run it once per draw without trying.
         kwargs: Keyword arguments of the model (and guide).
 
     Returns:

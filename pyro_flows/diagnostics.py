@@ -255,7 +255,8 @@ def diagnose(
             tracing the model once.
         chunk_size: The number of draws per vectorized pass (see
             :func:`pyro_flows.log_importance_weights`).
-        vectorize: What to do with a model that does not broadcast over draws: if
+        vectorize: What to do with a model that runs vectorized neither under a plate over
+            draws nor under ``torch.func.vmap``: if
             :py:`None`, warn and compute the draws one at a time; if :py:`True`, raise a
             :py:`ValueError`; if :py:`False`, compute them one at a time without trying.
         num_particles: The old name of `iw_particles`, accepted with a ``FutureWarning``

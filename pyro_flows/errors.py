@@ -6,7 +6,7 @@ Everything else that goes wrong is a :py:`ValueError`, :py:`TypeError` or
 
 from __future__ import annotations
 
-__all__ = ["DataError", "NonFiniteLossError"]
+__all__ = ["DataError", "NonFiniteLossError", "StartWarning"]
 
 from typing import Any
 
@@ -53,3 +53,14 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.site = site
         self.result = result
+
+
+class StartWarning(UserWarning):
+    r"""Warned when :class:`~pyro_flows.AutoFlowGuide` cannot use the start it was asked
+    for (``init="pathfinder"`` or ``"laplace"``) and starts at ``init_loc_fn``'s point with
+    ``init_scale`` instead (``init="prior"``); the message says why.
+
+    Example:
+        >>> import warnings
+        >>> warnings.simplefilter("ignore", StartWarning)  # to silence it
+    """

@@ -71,7 +71,8 @@ def log_importance_weights(
             tracing the model once.
         chunk_size: The number of draws per vectorized run. If :py:`None`, chosen so that a
             run holds about a million site values.
-        vectorize: If :py:`None`, a model that does not broadcast over draws gets a warning
+        vectorize: If :py:`None`, a model that runs vectorized neither under a plate over
+            draws nor under ``torch.func.vmap`` gets a warning
             and its draws are computed one at a time; if :py:`True`, it gets a
             :py:`ValueError`; if :py:`False`, draws are computed one at a time (slow)
             without trying.

@@ -495,6 +495,21 @@ def test_model_that_does_not_broadcast_over_draws():
 
     guide = AutoNormal(model)
     guide(X, Y_REG)
+    # x @ w fails under a plate over draws, and runs under torch.func.vmap: no fallback
+    idata = to_inference_data(guide, X, Y_REG, num_samples=4, vectorize=True)
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "data")
+
+
+def test_model_that_vectorizes_neither_way():
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        if w.sum().item() > 1e9:  # .item(): cannot run under torch.func.vmap either
+            raise AssertionError
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+    guide = AutoNormal(model)
+    guide(X, Y_REG)
     with pytest.raises(ValueError, match="failed to run vectorized.*vectorize=False"):
         to_inference_data(guide, X, Y_REG, num_samples=4, vectorize=True)
     with pytest.warns(UserWarning, match="one draw at a time.*vectorize=False"):
@@ -507,7 +522,8 @@ def test_model_that_does_not_broadcast_over_draws():
 def test_model_that_mixes_draws_is_caught():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        mean = pyro.deterministic("mean", mu.mean())  # averages over draws when vectorized
+        # averages over draws when vectorized; .item() cannot run under torch.func.vmap
+        mean = pyro.deterministic("mean", mu.mean() + 0 * mu.mean().item())
         with pyro.plate("data", len(y)):
             pyro.sample("y", dist.Normal(mean, 1.0), obs=y)
 

@@ -51,8 +51,10 @@ def model_unvectorizable(x):
 def model_mixing(x):
     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
     # runs vectorized without error, but mixes the draws: caught by the one-draw recheck
+    # (and .item() cannot run under torch.func.vmap, the engine's other vectorized way)
+    loc = mu.reshape(-1)[0]
     with pyro.plate("data", len(x)):
-        pyro.sample("obs", dist.Normal(mu.reshape(-1)[0], 1.0), obs=x)
+        pyro.sample("obs", dist.Normal(loc + 0 * loc.item(), 1.0), obs=x)
 
 
 def normal_guide(model, loc, scale):
