@@ -94,9 +94,8 @@ def flow_guide(flow: str, stl: bool = False) -> Callable[..., AutoFlowGuide]:
     def build(model: Callable, start: LaplaceStart | None = None) -> AutoFlowGuide:
         if start is None:
             return AutoFlowGuide(model, flow=flow, stl=stl)
-        return AutoFlowGuide(
-            model, flow=flow, stl=stl, init_loc_fn=start.init_loc_fn, init_scale=start.scales
-        )
+        laplace = {"init_loc_fn": start.init_loc_fn, "init_scale": start.scales}
+        return AutoFlowGuide(model, flow=flow, stl=stl, init="prior", **laplace)
 
     build.__doc__ = (
         f"pyro-flows' AutoFlowGuide, flow={flow!r}, stl={stl}, other options at defaults."

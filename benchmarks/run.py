@@ -5,6 +5,8 @@ Usage:
     python -m benchmarks.run                  # full: every target, 3 seeds, 5,000 steps
     python -m benchmarks.run --targets banana --guides AutoNormal "AutoFlowGuide(iaf)"
     python -m benchmarks.run --start laplace --targets sblri-blr --out benchmarks/results/laplace
+    python -m benchmarks.run --recipe dropin --out benchmarks/results/dropin   # a user's SVI loop
+    python -m benchmarks.run --recipe fit --out benchmarks/results/fit         # fit's defaults
 
 Writes `results.json` (every seed), `results.md` (medians over seeds) and plots under
 `--out` (default `benchmarks/results`, or `benchmarks/results/tmp/quick` in quick mode).
@@ -34,8 +36,16 @@ from .targets import TARGETS, load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_TARGETS = ("eight_schools-eight_schools_noncentered", "banana", "funnel10")
-QUICK = {"steps": 1000, "lr": 0.01, "draws": 1000, "seeds": 1}
-FULL = {"steps": 5000, "lr": 0.003, "draws": 4000, "seeds": 3}
+QUICK = {"steps": 1000, "draws": 1000, "seeds": 1}
+FULL = {"steps": 5000, "draws": 4000, "seeds": 3}
+# The optimization recipes: the reference one (Adam 0.003, 8 vectorized particles); the one a
+# user's own SVI loop runs after swapping AutoNormal for AutoFlowGuide (plain SVI, Adam 0.01,
+# Trace_ELBO(), 1 particle); and pyro_flows.fit with its defaults.
+RECIPES = {
+    "reference": {"lr": 0.003, "particles": 8, "trainer": "svi"},
+    "dropin": {"lr": 0.01, "particles": 1, "trainer": "svi"},
+    "fit": {"lr": 0.01, "particles": 1, "trainer": "fit"},
+}
 WARMUP_STEPS = 3
 
 
@@ -47,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), metavar="GUIDE")
     parser.add_argument("--seeds", type=int, help="seeds 0, 1, ..., N-1")
     parser.add_argument("--steps", type=int, help="SVI steps per fit")
-    parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="reference", help="see RECIPES")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: the recipe's)")
+    parser.add_argument("--particles", type=int, help="ELBO particles per step (the recipe's)")
     parser.add_argument("--draws", type=int, help="guide draws for ELBO, k-hat and marginals")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
@@ -59,9 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start every guide at the prior median (default) or at pyro_flows.laplace_start",
     )
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
+    defaults = {**(QUICK if args.quick else FULL), **RECIPES[args.recipe]}
+    if args.quick and args.recipe == "reference":
+        defaults["lr"] = 0.01
     for key, value in defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.targets is None:
         args.targets = list(QUICK_TARGETS if args.quick else TARGETS)
@@ -142,13 +155,18 @@ def write(
         | {"pyro": pyro.__version__},
         "threads": torch.get_num_threads(),
         "start": args.start,
+        "recipe_name": args.recipe,
     }
     report.write_json(results, settings, args.out / "results.json")
+    trained = (
+        f"pyro_flows.fit's defaults for {args.steps} steps"
+        if args.trainer == "fit"
+        else f"{args.steps} steps of Adam (lr {args.lr}), {args.particles} particle(s)"
+    )
     header = (
-        f"# Benchmark results ({settings['mode']} mode)\n\n"
-        f"{args.steps} steps of Adam (lr {args.lr}), {args.particles} particles, "
-        f"{args.draws} guide draws, medians over {args.seeds} seed(s); {seconds:.0f} s on "
-        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, pyro "
+        f"# Benchmark results ({settings['mode']} mode, recipe {args.recipe!r})\n\n"
+        f"{trained}, {args.draws} guide draws, medians over {args.seeds} seed(s); {seconds:.0f} s "
+        f"on {torch.get_num_threads()} thread(s), torch {torch.__version__}, pyro "
         f"{pyro.__version__}."
     )
     if args.start == "laplace":
@@ -163,7 +181,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     r"""Runs the benchmark and writes its outputs; returns the results (one dict per fit)."""
     args = parse_args(argv)
     torch.set_num_threads(1)
-    recipe = Recipe(steps=args.steps, lr=args.lr, particles=args.particles, draws=args.draws)
+    recipe = Recipe(
+        steps=args.steps,
+        lr=args.lr,
+        particles=args.particles,
+        draws=args.draws,
+        trainer=args.trainer,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     warm_up(args.guides)

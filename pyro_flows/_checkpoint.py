@@ -276,7 +276,7 @@ def guide_signature(guide: object) -> dict[str, Any]:
 
     The latent sites of a Pyro autoguide (names and shapes, from its prototype trace), and
     the flow configuration of a guide with a ``flow_config`` (family and options; not
-    ``init_scale`` or ``stl``, which a resumed fit may change).
+    ``init``, ``init_scale`` or ``stl``, which a resumed fit may change).
     """
 
     signature: dict[str, Any] = {}
@@ -290,7 +290,7 @@ def guide_signature(guide: object) -> dict[str, Any]:
         signature["config"] = {
             key: value if _is_safe(value) else repr(value)
             for key, value in config.items()
-            if key not in ("init_scale", "stl")
+            if key not in ("init", "init_scale", "stl")
         }
     return signature
 

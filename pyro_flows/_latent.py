@@ -19,6 +19,7 @@ __all__ = ["PackedLatent", "explained_setup_errors"]
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
@@ -29,7 +30,9 @@ from torch import Size, Tensor
 
 from ._checks import MASK_ADVICE, check_data, nonfinite_arguments
 from ._guard import is_invalid_value_error
+from ._replay import log_probs, per_draw, total, trace
 from ._structure import observed_partner, plate_nesting, subsampled_plate
+from ._vmap import vmapped
 from .errors import DataError
 from .supports import (
     ConstrainMessenger,
@@ -82,6 +85,17 @@ class PackedLatent:
         check_data(trace, model, args, kwargs)
         self.dependent = frozenset(dependent_support_sites(trace, values))
         self.max_plate_nesting = plate_nesting(trace.nodes.values())
+        self.subsampled = next(
+            (
+                (name, frame)
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample"
+                for frame in [subsampled_plate(site)]
+                if frame is not None
+            ),
+            None,
+        )  # a site in a subsampled plate and the plate: the density changes between calls
+        self._way, self._checked = 0, False  # how log_densities evaluates rows (see there)
         self._hold_discarded_elements(trace)
 
     @classmethod
@@ -198,11 +212,63 @@ class PackedLatent:
         r"""Returns the model's log joint density of the packed coordinates (log-Jacobians
         included), differentiable; ``latent`` has shape :math:`(D,)`."""
         values, log_jacobian = {}, latent.new_zeros(())
-        for name, value, log_density in self.constrain(latent, model, args, kwargs):
-            values[name] = value
-            log_jacobian = log_jacobian - torch.as_tensor(log_density).sum()
-        trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
-        return trace.log_prob_sum() + log_jacobian
+        with poutine.block():
+            for name, value, log_density in self.constrain(latent, model, args, kwargs):
+                values[name] = value
+                log_jacobian = log_jacobian - torch.as_tensor(log_density).sum()
+            conditioned = poutine.condition(model, values)
+            return trace(conditioned, args, kwargs).log_prob_sum() + log_jacobian
+
+    def log_densities(self, latent: Tensor, model: Callable, args: tuple, kwargs: dict) -> Tensor:
+        r"""Returns :meth:`log_density` of every row of ``latent``, with shape :math:`(N, D)`.
+
+        The rows are evaluated in one run of the model under a plate over rows (as Pyro's
+        vectorized particles are) where the model broadcasts over it, else under
+        :func:`torch.func.vmap` (torch layers with sampled weights), else one row at a time.
+        The first batch of two rows or more is checked against single-row runs, and the way
+        that gives the same numbers is kept for the later calls.
+        """
+        for way in self._ways[self._way :]:
+            try:
+                batched = way(self, latent, model, args, kwargs)
+            except _NOT_BATCHED:
+                batched = None
+            if batched is not None and not self._checked and len(latent) > 1:
+                ends = [0, len(latent) - 1]
+                rows = [self.log_density(latent[i], model, args, kwargs) for i in ends]
+                single = torch.stack(rows)
+                agree = torch.allclose(batched[ends], single, rtol=1e-4, atol=1e-3, equal_nan=True)
+                self._checked = bool(agree)
+                batched = batched if agree else None
+            if batched is not None:
+                return batched
+            self._way += 1
+        return torch.stack([self.log_density(row, model, args, kwargs) for row in latent])
+
+    def _vmapped(self, latent: Tensor, model: Callable, args: tuple, kwargs: dict) -> Tensor:
+        def one(row: dict[str, Tensor]) -> Tensor:
+            return self.log_density(row["z"], model, args, kwargs)
+
+        return vmapped(one, {"z": latent}, len(latent))
+
+    def _batched(self, latent: Tensor, model: Callable, args: tuple, kwargs: dict) -> Tensor:
+        rows, dim = len(latent), self.max_plate_nesting + 1
+        latent = latent.reshape(rows, *(1,) * self.max_plate_nesting, latent.shape[-1])
+        values, log_jacobian = {}, latent.new_zeros(rows)
+        with poutine.block(), pyro.plate(_ROWS, rows, dim=-dim):
+            for name, value, log_density in self.constrain(latent, model, args, kwargs):
+                values[name] = value
+                log_jacobian = log_jacobian - per_draw(log_density, rows, dim)
+            found = trace(poutine.condition(model, values), args, kwargs)
+        return total(log_probs(found, rows, dim), rows).to(latent.dtype) + log_jacobian
+
+
+_ROWS = "_pyro_flows_rows"
+# What a model that does not broadcast over a leading dimension raises when run batched.
+_NOT_BATCHED = (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError)
+
+
+PackedLatent._ways = (PackedLatent._batched, PackedLatent._vmapped)
 
 
 def _check_subsampled(sites: dict[str, dict]) -> None:

@@ -1,6 +1,6 @@
 r"""The stepping machinery of :func:`pyro_flows.fit`: one guarded step, roll-back, resume."""
 
-__all__ = ["DeferredInterrupt", "FitLoop", "Stopping", "plated", "plateau"]
+__all__ = ["Averager", "DeferredInterrupt", "FitLoop", "Stopping", "plated", "plateau"]
 
 import contextlib
 import math
@@ -41,6 +41,7 @@ class FitLoop:
         path: str | os.PathLike | None,
         result: Any,
         max_failures: int,
+        averager: "Averager",
     ) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.optim, self.loss = optim, Trace_ELBO() if loss is None else loss
@@ -51,7 +52,7 @@ class FitLoop:
         self.previous: dict[str, Any] | None = None  # the one before, while updating
         self.failures, self.pending, self.bad_grads = 0, 1.0, []
         self.in_step, self.updating, self.rng = False, False, None
-        self.max_failures, self.bar = max_failures, None
+        self.max_failures, self.bar, self.averager = max_failures, None, averager
         self.checked = not plated(self.loss)  # the plate over particles, checked once
 
     @property
@@ -72,7 +73,9 @@ class FitLoop:
             with contextlib.suppress(Exception):  # the error being raised matters more
                 self.save()
             raise
-        self.save()
+        self.save()  # the last iterate and the running mean: a resumed fit goes on from them
+        self.averager.apply(self.params)
+        self.result.averaged_steps = self.averager.count
 
     def steps(
         self, num_steps: int, stopping: "Stopping", every: int, interrupt: "DeferredInterrupt"
@@ -117,6 +120,7 @@ class FitLoop:
         if not all_finite(list(params.values())):
             return self.fail(value)
         self.result.losses.append(float(value))
+        self.averager.add(self.step, self.params)
         self.failures, self.pending, self.in_step = 0, 1.0, False
         self.bar.advance(self.step, self.result)
         return True
@@ -204,6 +208,7 @@ class FitLoop:
             "guide": ckpt.guide_signature(self.guide),
             "rng": ckpt.get_rng_state(),
             "snapshot": self.snapshot,
+            "average": self.averager.state(),
             "guard": {
                 "failures": self.failures,
                 "pending": self.pending,
@@ -237,6 +242,7 @@ class FitLoop:
         ckpt.set_state(self.params, self.optim, state)
         self.result.losses = state["losses"].tolist()
         self.snapshot = state["snapshot"]
+        self.averager.load(state.get("average"))
         guard = state["guard"]
         self.failures, self.pending = guard["failures"], guard["pending"]
         self.result.num_failures, self.result.lr_factor = guard["num_failures"], guard["lr_factor"]
@@ -249,6 +255,64 @@ def plated(loss: ELBO) -> bool:
     vectorized = bool(getattr(loss, "vectorize_particles", False))
     many = getattr(loss, "num_particles", 1) > 1
     return vectorized and many and not isinstance(loss, VmapTrace_ELBO)
+
+
+class Averager:
+    r"""The running mean of the parameters over the steps after ``start`` (Polyak-Ruppert
+    averaging of the last iterates), or nothing when ``start`` is :py:`None`.
+
+    Arguments:
+        start: The last step whose parameters are not averaged.
+
+    Example:
+        >>> averager = Averager(start=1)
+        >>> x = torch.zeros(1)
+        >>> for step, value in enumerate([5.0, 1.0, 3.0], start=1):
+        ...     _ = x.fill_(value)
+        ...     averager.add(step, {"x": x})
+        >>> averager.apply({"x": x})
+        >>> x, averager.count
+        (tensor([2.]), 2)
+    """
+
+    def __init__(self, start: int | None) -> None:
+        self.start, self.count = start, 0
+        self.mean: dict[str, torch.Tensor] = {}
+
+    def add(self, step: int, params: dict[str, torch.Tensor]) -> None:
+        r"""Adds the parameters after step `step` (counted from 1) if it is averaged."""
+        if self.start is None or step <= self.start:
+            return
+        self.count += 1
+        with torch.no_grad():
+            for name, param in params.items():
+                mean = self.mean.get(name)
+                if mean is None:
+                    self.mean[name] = param.detach().clone()
+                else:
+                    mean.add_((param.detach() - mean) / self.count)
+
+    def apply(self, params: dict[str, torch.Tensor]) -> None:
+        r"""Writes the mean into the parameters (in place), if any step was averaged."""
+        if not self.count:
+            return
+        with torch.no_grad():
+            for name, mean in self.mean.items():
+                if name in params:
+                    params[name].copy_(mean)
+
+    def state(self) -> dict[str, Any]:
+        r"""The state for a checkpoint (tensors and numbers only)."""
+        mean = {k: v.clone() for k, v in self.mean.items()}
+        return {"start": self.start, "count": self.count, "mean": mean}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        r"""Restores :meth:`state`, if it averages from the same step (a fit resumed with
+        another `num_steps` averages the steps from the resumption on)."""
+        if state is None or state.get("start") != self.start:
+            return
+        self.count = state["count"]
+        self.mean = {k: v.clone() for k, v in state["mean"].items()}
 
 
 @dataclass(frozen=True)

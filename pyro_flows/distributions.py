@@ -1,13 +1,14 @@
 r"""The distribution that :class:`~pyro_flows.AutoFlowGuide` places on its packed latent.
 
-A draw is :math:`z = \mu + \sigma \odot f(\epsilon)`, :math:`\epsilon \sim \mathcal{N}(0, I)`,
-and its log-density is :math:`\log \mathcal{N}(\epsilon; 0, I) - \log |\det J_f(\epsilon)| -
-\sum \log \sigma`.
+A draw is :math:`z = \mu + S f(\epsilon)`, :math:`\epsilon \sim \mathcal{N}(0, I)`, with
+:math:`S` a linear map (a diagonal :math:`\sigma`, or the guide's learned square root of a
+covariance, :mod:`pyro_flows._linear`), and its log-density is
+:math:`\log \mathcal{N}(\epsilon; 0, I) - \log |\det J_f(\epsilon)| - \log |\det S|`.
 
 With "sticking the landing" (STL, Roeder et al., 2017) a draw is scored with stopped-gradient
 parameters, so that the gradient of the ELBO keeps only its path term, which vanishes when the
 guide equals the posterior. Scoring :math:`z` then needs :math:`\epsilon = f^{-1}(y)`,
-:math:`y = (z - \mu) / \sigma`, as a differentiable function of :math:`z`. Coupling layers
+:math:`y = S^{-1} (z - \mu)`, as a differentiable function of :math:`z`. Coupling layers
 invert in one pass; for autoregressive layers, whose inverse is sequential, the known
 :math:`\epsilon` is used as the value and the gradient is mapped through
 :math:`J_f(\epsilon)^{-\top}` (implicit differentiation), at :math:`O(D^2)` memory per draw;
@@ -20,6 +21,7 @@ __all__ = ["FlowPosterior"]
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -33,6 +35,19 @@ from zuko.transforms import (
     MonotonicAffineTransform,
     MonotonicRQSTransform,
 )
+
+from ._linear import DiagonalScale
+
+
+class Scale(Protocol):
+    r"""A linear map :math:`S` of vectors with a cheap inverse and log-determinant."""
+
+    def apply(self, y: Tensor) -> Tensor: ...  # S y for every row
+
+    def solve(self, z: Tensor) -> Tensor: ...  # S^{-1} z for every row
+
+    def log_abs_det(self) -> Tensor: ...
+
 
 _ONE_PASS = (
     CouplingTransform,
@@ -75,14 +90,18 @@ def _call_and_ladj(transform: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
     return y, ladj
 
 
-def _log_q(eps: Tensor, ladj: Tensor, scale: Tensor) -> Tensor:
-    # log q(z) for z = loc + scale * f(eps), from eps and log|det J_f(eps)|.
+def _log_q(eps: Tensor, ladj: Tensor, scale: Scale) -> Tensor:
+    # log q(z) for z = loc + S f(eps), from eps and log|det J_f(eps)|.
     normal = -0.5 * (eps.square().sum(-1) + eps.shape[-1] * math.log(2 * math.pi))
-    return normal - ladj - scale.log().sum(-1)
+    return normal - ladj - scale.log_abs_det()
+
+
+def _as_scale(scale: Tensor | Scale) -> Scale:
+    return DiagonalScale(scale) if isinstance(scale, Tensor) else scale
 
 
 class FlowPosterior(TorchDistribution):
-    r"""Creates the flow distribution :math:`z = \mu + \sigma \odot f(\epsilon)`,
+    r"""Creates the flow distribution :math:`z = \mu + S f(\epsilon)`,
     :math:`\epsilon \sim \mathcal{N}(0, I)`.
 
     :math:`f` is a bijection of :math:`\mathbb{R}^D` (the identity at initialization), used in
@@ -94,7 +113,9 @@ class FlowPosterior(TorchDistribution):
     Arguments:
         transform: The bijection :math:`f` in its sampling direction.
         loc: The location :math:`\mu`, with shape :math:`(D,)`.
-        scale: The scale :math:`\sigma > 0`, with shape :math:`(D,)`.
+        scale: The linear map :math:`S`: a positive tensor of shape :math:`(D,)` for
+            :math:`S = \operatorname{diag}(\sigma)`, or an object with ``apply(y)``,
+            ``solve(z)`` (row-wise :math:`S y` and :math:`S^{-1} z`) and ``log_abs_det()``.
         batch_shape: The batch shape.
         stl_log_prob: If given, the function ``(z, eps) -> log q(z)`` with stopped-gradient
             parameters that scores this distribution's own draws ("sticking the landing",
@@ -117,14 +138,14 @@ class FlowPosterior(TorchDistribution):
         self,
         transform: Transform,
         loc: Tensor,
-        scale: Tensor,
+        scale: Tensor | Scale,
         batch_shape: Size | tuple[int, ...] = (),
         *,
         stl_log_prob: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.transform = transform
         self.loc = loc
-        self.scale = scale
+        self.scale = _as_scale(scale)
         self.stl_log_prob = stl_log_prob
         self._last_draw: tuple[Tensor, Tensor, Tensor] | None = None
         super().__init__(Size(batch_shape), loc.shape[-1:], validate_args=False)
@@ -144,7 +165,7 @@ class FlowPosterior(TorchDistribution):
         shape = self._extended_shape(Size(sample_shape))
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         y, ladj = _call_and_ladj(self.transform, eps)
-        z = self.loc + self.scale * y
+        z = self.loc + self.scale.apply(y)
         self._last_draw = (z, eps, ladj)
         return z
 
@@ -154,7 +175,7 @@ class FlowPosterior(TorchDistribution):
             if self.stl_log_prob is not None:
                 return self.stl_log_prob(value, eps)
         else:
-            eps = self.transform.inv((value - self.loc) / self.scale)
+            eps = self.transform.inv(self.scale.solve(value - self.loc))
             _, ladj = _call_and_ladj(self.transform, eps)
         return _log_q(eps, ladj, self.scale)
 
@@ -169,26 +190,26 @@ def _inverse_is_cheap(transform: Transform) -> bool:
 
 class _ImplicitInverse(torch.autograd.Function):
     @staticmethod
-    def forward(y: Tensor, eps: Tensor, jacobian: Tensor) -> Tensor:
+    def forward(y: Tensor, eps: Tensor, solve: object) -> Tensor:
         return eps.detach().clone()
 
     @staticmethod
-    def setup_context(ctx: object, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[2])
+    def setup_context(ctx: object, inputs: tuple[Tensor, Tensor, object], output: Tensor) -> None:
+        ctx.solve = inputs[2]
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None]:
-        (jacobian,) = ctx.saved_tensors
-        grad_y = torch.linalg.solve(jacobian.mT, grad.unsqueeze(-1)).squeeze(-1)
-        return grad_y, None, None
+        return ctx.solve(grad), None, None
 
 
 def _implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
     r"""Returns :math:`f^{-1}(y)`, known to equal ``eps``, differentiable in :math:`y`.
 
     The value is ``eps``; the gradient with respect to :math:`y` is
-    :math:`J_f(\epsilon)^{-\top}` times the incoming gradient, with the Jacobian computed by
-    one batched backward pass. The transform must act on each vector independently.
+    :math:`J_f(\epsilon)^{-\top}` times the incoming gradient. For zuko's autoregressive
+    layers it is solved layer by layer (:func:`_transposed_solve`): :math:`O(D)` memory per
+    draw. Any other transform gets its Jacobian by one batched backward pass
+    (:math:`O(D^2)` memory per draw). The transform must act on each vector independently.
 
     Arguments:
         transform: The bijection :math:`f` of vectors (parameters detached).
@@ -207,7 +228,60 @@ def _implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
         tensor([0.5000, 0.5000, 0.5000])
     """
 
-    return _ImplicitInverse.apply(y, eps, _jacobian(transform, eps))
+    layers = _layers(transform)
+    eps = eps.detach()
+    if all(isinstance(layer, AutoregressiveTransform) for layer in layers):
+
+        def solve(grad: Tensor) -> Tensor:
+            return _transposed_solve(layers, eps, grad)
+
+    else:
+        jacobian = _jacobian(transform, eps)
+
+        def solve(grad: Tensor) -> Tensor:
+            return torch.linalg.solve(jacobian.mT, grad.unsqueeze(-1)).squeeze(-1)
+
+    return _ImplicitInverse.apply(y, eps, solve)
+
+
+def _layers(transform: Transform) -> list[Transform]:
+    if isinstance(transform, ComposedTransform):
+        return [layer for t in transform.transforms for layer in _layers(t)]
+    return [transform]
+
+
+def _transposed_solve(layers: list[Transform], eps: Tensor, grad: Tensor) -> Tensor:
+    r"""Returns :math:`J_f(\epsilon)^{-\top} g` for :math:`f = f_K \circ \dots \circ f_1`,
+    each :math:`f_k` autoregressive: :math:`J_f^{-\top} = J_K^{-\top} \cdots J_1^{-\top}`,
+    applied from :math:`J_1^{-\top}` on.
+
+    Each :math:`J_k^\top w = g` is solved by Jacobi iterations,
+    :math:`w \leftarrow w + (g - J_k^\top w) / \operatorname{diag}(J_k)`, one
+    vector-Jacobian product each: :math:`J_k` is its diagonal plus a part that is strictly
+    triangular in the layer's order, so the iterations are exact after as many as the layer
+    has passes (:math:`D` for an inverse autoregressive layer), and stop as soon as the
+    residual is within rounding. Near the identity (where training starts, and where a flow
+    stays on posteriors close to the start's Gaussian) a few iterations do.
+    """
+    x, grad = eps, grad.detach()
+    tolerance = 64 * torch.finfo(grad.dtype).eps
+    with torch.enable_grad():
+        for layer in layers:
+            x = x.detach().requires_grad_()
+            meta = layer.meta(x)
+            y = meta(x)
+            base = getattr(meta, "base", meta)
+            diagonal = base.log_abs_det_jacobian(x, y).exp().detach()
+            scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+            w = grad / diagonal
+            for _ in range(layer.passes):
+                (product,) = torch.autograd.grad(y, x, w, retain_graph=True)
+                residual = grad - product
+                if residual.abs().amax() <= tolerance * scale:
+                    break
+                w = w + residual / diagonal
+            grad, x = w, y
+    return grad
 
 
 def _jacobian(transform: Transform, eps: Tensor) -> Tensor:
@@ -223,9 +297,9 @@ def _jacobian(transform: Transform, eps: Tensor) -> Tensor:
 
 
 def detached_log_prob(
-    transform: Transform, loc: Tensor, scale: Tensor, z: Tensor, eps: Tensor
+    transform: Transform, loc: Tensor, scale: Tensor | Scale, z: Tensor, eps: Tensor
 ) -> Tensor:
-    r"""Returns :math:`\log q(z)` for :math:`z = \mu + \sigma \odot f(\epsilon)`.
+    r"""Returns :math:`\log q(z)` for :math:`z = \mu + S f(\epsilon)`.
 
     Meant to be called with detached parameters (``transform``, ``loc``, ``scale``) and a
     live draw ``z``: the result then carries the path gradient only.
@@ -233,7 +307,7 @@ def detached_log_prob(
     Arguments:
         transform: The bijection :math:`f` of vectors.
         loc: The location :math:`\mu`.
-        scale: The scale :math:`\sigma`.
+        scale: The linear map :math:`S` (as in :class:`FlowPosterior`).
         z: The draw, with shape :math:`(*, D)`.
         eps: The noise that produced it.
 
@@ -248,7 +322,8 @@ def detached_log_prob(
         tensor(-1.8379, grad_fn=<SubBackward0>)
     """
 
-    y = (z - loc) / scale
+    scale = _as_scale(scale)
+    y = scale.solve(z - loc)
     if _inverse_is_cheap(transform) or torch.jit.is_tracing():
         # (The JIT tracer cannot record the inner backward pass; it compiles the inverse.)
         eps = transform.inv(y)

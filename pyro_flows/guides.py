@@ -7,6 +7,7 @@ __all__ = ["AutoFlowGuide"]
 import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
@@ -16,14 +17,17 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.nn import PyroParam
 from torch import Tensor
-from torch.distributions import AffineTransform, Transform
+from torch.distributions import Transform
 from zuko.transforms import ComposedTransform
 
 from ._latent import PackedLatent, explained_setup_errors
+from ._linear import DENSE_MAX, RANK, LinearScale, root_factor, tril_speed
 from ._packing import ParameterPacking
+from ._pathfinder import RootFactor
+from ._start import STARTS, Start, find_start
 from .distributions import FlowPosterior, detached_log_prob
-from .flows import FLOWS, as_lazy_transform, check_flow, fan_in_multipliers
-from .initialization import check_init_scale, init_scale_vector, init_to_median_or_feasible
+from .flows import FLOWS, as_lazy_transform, check_flow, fan_in_multipliers, flow_speed
+from .initialization import check_init_scale, init_to_median_or_feasible
 
 
 class _ModelRef(tuple):
@@ -134,14 +138,17 @@ class AutoFlowGuide(AutoContinuous):
         model: Callable[..., object],
         *,
         flow: str | Callable[[int], object] = "iaf",
+        init: str = "pathfinder",
         init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
         init_scale: float | Mapping[str, float | Tensor] = 0.1,
         create_plates: Callable[..., object] | None = None,
-        stl: bool = False,
+        stl: bool = True,
         num_quantile_samples: int = 4096,
         **flow_options: object,
     ) -> None:
         init_scale = check_init_scale(init_scale)
+        if init not in STARTS:
+            raise ValueError(f"init={init!r}: use one of {list(STARTS)}.")
         if not isinstance(num_quantile_samples, int) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
@@ -150,6 +157,8 @@ class AutoFlowGuide(AutoContinuous):
         self._model = _ModelRef(self._model)  # wrapped in init_loc_fn by AutoContinuous
         self._user_model = _ModelRef((model,))
         self.init_scale = init_scale
+        self.init = init
+        self.start: Start | None = None
         self.flow_name = flow if isinstance(flow, str) else None
         self._flow_factory = FLOWS[flow] if isinstance(flow, str) else flow
         self.flow_options = dict(flow_options)
@@ -180,7 +189,8 @@ class AutoFlowGuide(AutoContinuous):
         if name is None:
             name = getattr(self._flow_factory, "__name__", type(self._flow_factory).__name__)
         init_scale = self.init_scale if isinstance(self.init_scale, float) else "per site"
-        return {"flow": name, **self.flow_options, "init_scale": init_scale, "stl": self.stl}
+        config = {"flow": name, **self.flow_options, "init": self.init}
+        return config | {"init_scale": init_scale, "stl": self.stl}
 
     # Set-up -----------------------------------------------------------------------------
 
@@ -196,8 +206,8 @@ class AutoFlowGuide(AutoContinuous):
             name: site["cond_indep_stack"] for name, site in self._latent.sites.items()
         }
         self._arg_shapes = _shapes(args, kwargs)
-        if "loc" in self._pyro_params:  # parameters loaded from a state dict
-            loaded_dim = self.loc.shape[-1]
+        if "shift" in self._pyro_params:  # parameters loaded from a state dict
+            loaded_dim = self.shift.shape[-1]
             if loaded_dim != self.latent_dim:
                 raise ValueError(
                     f"This guide's parameters were loaded for {loaded_dim} latent dimensions, "
@@ -213,8 +223,8 @@ class AutoFlowGuide(AutoContinuous):
                     "(unconstrained value not finite): pass an init_loc_fn that returns a "
                     "value strictly inside the support."
                 )
-        scale = init_scale_vector(self.init_scale, self._latent.shapes, init_loc)
-        self._build_parameters(init_loc, self._latent.live_coordinates(scale))
+        self.start = find_start(self.init, self._latent, model, args, kwargs, self.init_scale)
+        self._build_parameters(self.start)
 
     @property
     def _dependent_sites(self) -> frozenset[str]:
@@ -224,15 +234,37 @@ class AutoFlowGuide(AutoContinuous):
         # Pyro's AutoContinuous hook (NeuTraReparam unpacks through it).
         return self._latent.unpack(latent)
 
-    def _build_parameters(self, loc: Tensor, scale: Tensor) -> None:
-        flow = as_lazy_transform(self._flow_factory(loc.shape[-1], **self.flow_options), len(loc))
+    def _build_parameters(self, start: Start) -> None:
+        loc = start.loc.detach()
+        size = len(loc)
+        flow = as_lazy_transform(self._flow_factory(size, **self.flow_options), size)
         flow = flow.to(device=loc.device, dtype=loc.dtype)
-        multipliers = fan_in_multipliers(flow) if self.flow_name is not None else {}
+        multipliers = {}
+        if self.flow_name is not None:
+            fan_in, speed = fan_in_multipliers(flow), flow_speed(size)
+            multipliers = {p: fan_in.get(p, 1.0) * speed for p in flow.parameters()}
         self._packing, values = ParameterPacking.pack(flow, multipliers)
         self.flow = flow
         self.flow_params = PyroParam(values)
-        self.loc = PyroParam(loc)
-        self.scale = PyroParam(scale, constraints.softplus_positive)
+        root = start.root
+        for name, value in [
+            ("start_loc", loc),
+            ("start_scale", root.scale),
+            ("start_basis", root.basis),
+            ("start_core", root.core),
+            ("shift_multiplier", start.shift_multiplier),
+        ]:
+            self.register_buffer(name, value.detach().to(loc).clone())
+        self.shift = PyroParam(torch.zeros_like(loc))
+        self.scale_diag = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
+        if size <= DENSE_MAX:
+            self.scale_tril = PyroParam(loc.new_zeros(size * (size - 1) // 2))
+        else:
+            rank = min(RANK, size)
+            generator = torch.Generator().manual_seed(0)  # not the user's random stream
+            left = torch.randn(size, rank, generator=generator, dtype=loc.dtype) / size**0.5
+            self.scale_left = PyroParam(left.to(loc.device))  # T = diag + left right^T
+            self.scale_right = PyroParam(loc.new_zeros(size, rank))
 
     def load_state_dict(
         self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False
@@ -254,14 +286,8 @@ class AutoFlowGuide(AutoContinuous):
             The missing and unexpected keys.
         """
 
-        if "loc" not in self._pyro_params and "loc_unconstrained" in state_dict:
-            loc = state_dict["loc_unconstrained"]
-            if not isinstance(loc, Tensor) or loc.dim() != 1:
-                raise ValueError(
-                    "state_dict['loc_unconstrained'] must be a vector: load a state dict saved "
-                    "from an AutoFlowGuide."
-                )
-            self._build_parameters(loc.clone(), torch.ones_like(loc))
+        if "shift" not in self._pyro_params and "start_loc" in state_dict:
+            self._build_parameters(_saved_start(state_dict))
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as error:
@@ -271,7 +297,7 @@ class AutoFlowGuide(AutoContinuous):
                 f"same model and options as the saved one.\n{error}"
             ) from error
         store = pyro.get_param_store()
-        for name in ("loc", "scale", "flow_params"):
+        for name in _PARAMS:
             fullname = f"{self._pyro_name}.{name}"
             if fullname in store:
                 del store[fullname]
@@ -282,23 +308,89 @@ class AutoFlowGuide(AutoContinuous):
     def get_base_dist(self) -> dist.Distribution:
         r"""Returns the standard Normal over :math:`\epsilon`."""
 
-        zeros = self.loc.new_zeros(self.latent_dim)
+        zeros = self.shift.new_zeros(self.latent_dim)
         return dist.Normal(zeros, 1.0).to_event(1)
 
+    def _check_set_up(self) -> None:
+        if "shift" not in self._pyro_params:
+            raise ValueError(
+                "This AutoFlowGuide has not been set up yet: call it (or take an SVI step) with "
+                "the model's arguments first."
+            )
+
+    def _affine(self) -> tuple[Tensor, LinearScale]:
+        # z = loc + S y with loc = mu_0 + S_0 (c * shift) and S = S_0 T, T learned.
+        self._check_set_up()
+        root = self._start_root()
+        loc = self.start_loc + _apply_root(root, self.shift_multiplier * self.shift)
+        speed = tril_speed(len(loc))
+        if "scale_tril" in self._pyro_params:
+            parts = {"tril": speed * self.scale_tril}
+        else:
+            parts = {"left": self.scale_left, "right": speed * self.scale_right}
+        return loc, LinearScale(root, self.scale_diag, **parts)
+
+    def _start_root(self) -> RootFactor:
+        return root_factor(self.start_scale, self.start_basis, self.start_core)
+
+    @property
+    def loc(self) -> Tensor:
+        r"""The location :math:`\mu` of the packed unconstrained latent (the base Gaussian's
+        mean; see :attr:`locs` per site)."""
+
+        return self._affine()[0]
+
+    @property
+    def scale(self) -> Tensor:
+        r"""The marginal sds of the base Gaussian :math:`N(\mu, S S^\top)` on the packed
+        unconstrained latent, :math:`\sqrt{\operatorname{diag}(S S^\top)}` (see
+        :attr:`scales` per site)."""
+
+        return self._affine()[1].variances().sqrt()
+
+    @property
+    def locs(self) -> SimpleNamespace:
+        r"""The base Gaussian's mean per site, unconstrained, as ``AutoNormal``'s ``locs``:
+        ``guide.locs.mu``, or ``getattr(guide.locs, "linear.weight")`` for a dotted name.
+
+        ``AutoNormal``'s locations are its posterior's (unconstrained) means and medians.
+        Here they are the mean of the Gaussian that the flow reshapes: the guide's own
+        posterior is that Gaussian only where the flow is still the identity (at step 0).
+        For the posterior use :meth:`median`, :meth:`quantiles` or draws.
+        """
+
+        return self._per_site("loc")
+
+    @property
+    def scales(self) -> SimpleNamespace:
+        r"""The base Gaussian's marginal sds per site, unconstrained, as ``AutoNormal``'s
+        ``scales`` (with the caveat of :attr:`locs`)."""
+
+        return self._per_site("scale")
+
+    def _per_site(self, what: str) -> SimpleNamespace:
+        self._check_set_up()
+        result = SimpleNamespace()
+        for site, value in self._latent.unpack(getattr(self, what)):
+            setattr(result, site["name"], value)
+            _nest(result, site["name"].split("."), value)
+        return result
+
     def get_transform(self, *args: object, **kwargs: object) -> Transform:
-        r"""Returns the map :math:`\epsilon \mapsto \mu + \sigma \odot f(\epsilon)`.
+        r"""Returns the map :math:`\epsilon \mapsto \mu + S f(\epsilon)`.
 
         With :meth:`get_base_dist`, this is what
         :class:`~pyro.infer.reparam.NeuTraReparam` needs.
         """
 
-        affine = AffineTransform(self.loc, self.scale, event_dim=1)
-        return ComposedTransform(self._flow_transform(self.flow_params), affine)
+        loc, scale = self._affine()
+        return ComposedTransform(self._flow_transform(self.flow_params), _Linear(loc, scale))
 
     def get_posterior(self, *args: object, **kwargs: object) -> FlowPosterior:
         r"""Returns the distribution of the packed unconstrained latent :math:`z`."""
 
-        flat, loc, scale = self.flow_params, self.loc, self.scale
+        flat = self.flow_params
+        loc, scale = self._affine()
         transform = self._flow_transform(flat)
         stl_log_prob = None
         if self.stl:
@@ -306,7 +398,7 @@ class AutoFlowGuide(AutoContinuous):
             def stl_log_prob(z: Tensor, eps: Tensor) -> Tensor:
                 detached = self._flow_transform(flat.detach())
                 try:
-                    return detached_log_prob(detached, loc.detach(), scale.detach(), z, eps)
+                    return detached_log_prob(detached, loc.detach(), _detached(scale), z, eps)
                 finally:
                     self._packing.bind(flat)
 
@@ -376,12 +468,12 @@ class AutoFlowGuide(AutoContinuous):
 
     @torch.no_grad()
     def _quantile_draws(self) -> Tensor:
-        generator = torch.Generator(device=self.loc.device).manual_seed(0)
+        generator = torch.Generator(device=self.start_loc.device).manual_seed(0)
         eps = torch.randn(
             (self.num_quantile_samples, self.latent_dim),
             generator=generator,
-            dtype=self.loc.dtype,
-            device=self.loc.device,
+            dtype=self.start_loc.dtype,
+            device=self.start_loc.device,
         )
         # In chunks of about 2**20 numbers: the flow's networks widen each draw k-fold, which
         # took 1.25 GB for 4,096 draws at D = 10,000 in one pass.
@@ -406,7 +498,9 @@ class AutoFlowGuide(AutoContinuous):
 
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        probs = torch.as_tensor(quantiles, dtype=self.loc.dtype, device=self.loc.device)
+        probs = torch.as_tensor(
+            quantiles, dtype=self.start_loc.dtype, device=self.start_loc.device
+        )
         if probs.dim() != 1 or not ((probs >= 0) & (probs <= 1)).all():
             raise ValueError(f"quantiles={quantiles!r}: give a list of probabilities in [0, 1].")
         draws = self._quantile_draws()
@@ -441,6 +535,67 @@ class AutoFlowGuide(AutoContinuous):
         """
 
         return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _nest(namespace: SimpleNamespace, parts: list[str], value: Tensor) -> None:
+    # "linear.weight" is also reachable as namespace.linear.weight (AutoNormal's deep_setattr).
+    for part in parts[:-1]:
+        inner = getattr(namespace, part, None)
+        if not isinstance(inner, SimpleNamespace):
+            inner = SimpleNamespace()
+            setattr(namespace, part, inner)
+        namespace = inner
+    setattr(namespace, parts[-1], value)
+
+
+_PARAMS = ("shift", "scale_diag", "scale_tril", "scale_left", "scale_right", "flow_params")
+
+
+class _Linear(Transform):
+    r"""The transformation :math:`y \mapsto \mu + S y` of vectors."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, loc: Tensor, scale: LinearScale) -> None:
+        super().__init__()
+        self.loc, self.scale = loc, scale
+
+    def _call(self, y: Tensor) -> Tensor:
+        return self.loc + self.scale.apply(y)
+
+    def _inverse(self, z: Tensor) -> Tensor:
+        return self.scale.solve(z - self.loc)
+
+    def log_abs_det_jacobian(self, y: Tensor, z: Tensor) -> Tensor:
+        return self.scale.log_abs_det().expand(y.shape[:-1])
+
+
+def _apply_root(root: RootFactor, u: Tensor) -> Tensor:
+    return LinearScale(root, torch.ones_like(u)).apply(u.unsqueeze(0)).squeeze(0)
+
+
+def _detached(scale: LinearScale) -> LinearScale:
+    detach = {
+        key: None if value is None else value.detach()
+        for key, value in vars(scale).items()
+        if key != "root"
+    }
+    return LinearScale(scale.root, **detach)
+
+
+def _saved_start(state_dict: Mapping[str, Tensor]) -> Start:
+    # The start of a state dict, to build a fresh guide's parameters before loading them.
+    names = ("start_loc", "start_scale", "start_basis", "start_core", "shift_multiplier")
+    tensors = [state_dict.get(name) for name in names]
+    if not all(isinstance(t, Tensor) for t in tensors) or tensors[0].dim() != 1:
+        raise ValueError(
+            f"This state dict lacks the start of an AutoFlowGuide ({', '.join(names)}): load "
+            "a state dict saved from an AutoFlowGuide of this version."
+        )
+    loc, scale, basis, core, multiplier = (t.clone() for t in tensors)
+    return Start(loc, root_factor(scale, basis, core), multiplier, "loaded")
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:

@@ -8,6 +8,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_value
@@ -118,11 +119,55 @@ def laplace_start(
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"max_iterations={max_iterations!r}: use a positive int.")
     latent = PackedLatent.from_model(model, init_loc_fn, *args, **kwargs)
+    found = _mode_and_hessian(latent, model, args, kwargs, latent.initial(), max_iterations)
+    mode, scales = found.mode, found.hessian.diagonal().rsqrt()
+    with torch.no_grad():
+        values = {name: value for name, value, _ in latent.constrain(mode, model, args, kwargs)}
+        log_density = float(latent.log_density(mode, model, args, kwargs))
+    per_site = {site["name"]: scale for site, scale in latent.unpack(scales)}
+    return LaplaceStart(values, per_site, log_density, found.iterations)
+
+
+def laplace_gaussian(
+    latent: PackedLatent,
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    init_loc: Tensor,
+    max_iterations: int = 1000,
+) -> tuple[Tensor, Tensor, int]:
+    r"""The Laplace approximation of the packed latent: the mode, the covariance
+    :math:`H^{-1}` and the log-density evaluations spent (the guide's ``init="laplace"``)."""
+    found = _mode_and_hessian(latent, model, args, kwargs, init_loc, max_iterations)
+    return found.mode, torch.cholesky_inverse(found.cholesky), found.evaluations
+
+
+class _Mode(NamedTuple):
+    mode: Tensor
+    hessian: Tensor  # of the negative log density
+    cholesky: Tensor
+    iterations: int  # of L-BFGS
+    evaluations: int  # of the log density (and its gradient), the Hessian's D passes included
+
+
+def _mode_and_hessian(
+    latent: PackedLatent,
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    init_loc: Tensor,
+    max_iterations: int,
+) -> _Mode:
+    r"""Returns the mode, the negative Hessian :math:`H` there, its Cholesky factor, and the
+    L-BFGS iterations; raises a :py:`ValueError` that says why where there is no mode."""
+    evaluations = 0
 
     def negative_log_density(z: Tensor) -> Tensor:
+        nonlocal evaluations
+        evaluations += 1
         return -latent.log_density(z, model, args, kwargs)
 
-    z = latent.initial().detach().clone().requires_grad_()
+    z = init_loc.detach().clone().requires_grad_()
     _check_deterministic(negative_log_density, z)
     iterations = 0
     for _ in range(RESTARTS):
@@ -136,12 +181,7 @@ def laplace_start(
     hessian = torch.autograd.functional.hessian(negative_log_density, mode)
     cholesky = _cholesky(latent, hessian, exhausted, hit_wall)
     _check_stationary(negative_log_density, mode, cholesky, iterations)
-    scales = hessian.diagonal().rsqrt()
-    with torch.no_grad():
-        values = {name: value for name, value, _ in latent.constrain(mode, model, args, kwargs)}
-        log_density = float(-negative_log_density(mode))
-    per_site = {site["name"]: scale for site, scale in latent.unpack(scales)}
-    return LaplaceStart(values, per_site, log_density, iterations)
+    return _Mode(mode, hessian, cholesky, iterations, evaluations + len(mode))
 
 
 def _check_deterministic(objective: Callable[[Tensor], Tensor], z: Tensor) -> None:

@@ -1,6 +1,7 @@
 import functools
 import json
 import math
+import warnings
 
 import arviz as az
 import matplotlib.pyplot as plt
@@ -424,7 +425,9 @@ def test_loo_and_compare_autonormal_against_autoflowguide():
     for idata in idatas.values():
         loo = az.loo(idata, pointwise=True)
         assert np.isfinite(loo.elpd_loo) and np.isfinite(loo.pareto_k.values).all()
-        assert np.isfinite(az.waic(idata).elpd_waic)
+        with warnings.catch_warnings():  # ArviZ's caution about WAIC itself, on 400 draws
+            warnings.filterwarnings("ignore", "For one or more samples the posterior variance")
+            assert np.isfinite(az.waic(idata).elpd_waic)
     comparison = az.compare(idatas)
     assert set(comparison.index) == set(idatas)
     assert np.isfinite(comparison["elpd_loo"].values).all()

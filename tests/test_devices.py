@@ -51,7 +51,7 @@ def test_guide_core(device, dtype, flow):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     losses = torch.tensor([svi.step(x, y) for _ in range(3)])
     assert torch.isfinite(losses).all()
-    for param in (guide.loc, guide.scale, guide.flow_params):
+    for param in guide.parameters():
         assert on(param, device, dtype)
 
     trace = poutine.trace(model).get_trace(x, y)

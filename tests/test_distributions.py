@@ -8,9 +8,17 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_flows import FLOWS, AutoFlowGuide
-from pyro_flows.distributions import FlowPosterior, _implicit_inverse, detached_log_prob
+from pyro_flows.distributions import (
+    FlowPosterior,
+    _implicit_inverse,
+    _jacobian,
+    _layers,
+    _transposed_solve,
+    detached_log_prob,
+)
 from pyro_flows.flows import realnvp
 
 Y = torch.tensor([1.0, -2.0, 0.5])
@@ -23,10 +31,12 @@ def model():
 
 
 def exact_guide(flow, stl):
-    guide = AutoFlowGuide(model, flow=flow, stl=stl, init_scale=0.8**0.5)
+    # At step 0 the guide is exactly N(init loc, init_scale^2 I): the posterior.
+    init = init_to_value(values={"z": 0.8 * Y.to(torch.get_default_dtype())})
+    guide = AutoFlowGuide(
+        model, flow=flow, stl=stl, init="prior", init_loc_fn=init, init_scale=0.8**0.5
+    )
     guide()
-    with torch.no_grad():
-        guide.loc.copy_(0.8 * Y.to(guide.loc.dtype))
     return guide
 
 
@@ -38,8 +48,7 @@ def test_gradient_vanishes_at_the_exact_posterior(flow, loss):
     for stl in (False, True):
         pyro.clear_param_store()
         guide = exact_guide(flow, stl)
-        params = [guide.loc_unconstrained, guide.scale_unconstrained]
-        params.append(guide.flow_params_unconstrained)
+        params = list(guide.parameters())  # the location, the linear layer, the flow
         elbo = loss(num_particles=4, vectorize_particles=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -76,3 +85,20 @@ def test_detached_log_prob_equals_log_prob_with_the_path_gradient():
         (grad,) = torch.autograd.grad(value.sum(), z)
         torch.testing.assert_close(value, expected)
         torch.testing.assert_close(grad, grad_expected)
+
+
+@pytest.mark.parametrize("flow", ["iaf", "nsf"])
+def test_layered_transposed_solve_equals_the_dense_jacobian(flow):
+    # The O(D)-memory path of STL for autoregressive flows against the dense Jacobian.
+    torch.set_default_dtype(torch.float64)
+    lazy = FLOWS[flow](7, hidden_features=(16,))
+    with torch.no_grad():
+        for p in lazy.parameters():  # well away from the identity
+            p.add_(0.3 * torch.randn_like(p))
+    transform = lazy()
+    eps = torch.randn(5, 7)
+    grad = torch.randn(5, 7)
+    jacobian = _jacobian(transform, eps)
+    expected = torch.linalg.solve(jacobian.mT, grad.unsqueeze(-1)).squeeze(-1)
+    found = _transposed_solve(_layers(transform), eps, grad)
+    torch.testing.assert_close(found, expected)

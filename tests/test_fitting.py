@@ -57,15 +57,29 @@ class TTY(io.StringIO):
 def test_same_as_svi_loop():
     guide = AutoNormal(model)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
-    losses = [svi.step(DATA) for _ in range(30)]
-    expected = params()
-
+    losses, iterates = [], []
+    for _ in range(30):
+        losses.append(svi.step(DATA))
+        iterates.append(params())
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    result = fit(model, AutoNormal(model), DATA, num_steps=30, optim=pyro.optim.Adam({"lr": 0.02}))
-    assert result.losses == losses
+    optim = pyro.optim.Adam({"lr": 0.02})
+    result = fit(model, AutoNormal(model), DATA, num_steps=30, optim=optim, average=0)
+    assert result.losses == losses and result.averaged_steps == 0
     assert result.stop_reason == "completed" and not result.interrupted
-    assert_same(params(), expected)
+    assert_same(params(), iterates[-1])
+
+    # By default, the mean of the last 20% of the iterates (6 of 30): the same steps.
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    optim = pyro.optim.Adam({"lr": 0.02})
+    result = fit(model, AutoNormal(model), DATA, num_steps=30, optim=optim)
+    assert result.losses == losses and result.averaged_steps == 6
+    assert "averaged over the last 6 steps" in str(result)
+    found = params()
+    for name, value in found.items():
+        mean = torch.stack([iterate[name] for iterate in iterates[-6:]]).mean(0)
+        torch.testing.assert_close(value, mean)
 
 
 def nan_at(calls, kind):
@@ -123,7 +137,7 @@ def test_undo_restores_last_good_state(validation):
     # step 9 with half the learning rate and the random stream advanced by two attempts.
     optim = pyro.optim.Adam({"lr": 0.05})
     bad = nan_at({10}, "loss")
-    fit(bad, AutoNormal(bad), DATA, num_steps=12, optim=optim)
+    fit(bad, AutoNormal(bad), DATA, num_steps=12, optim=optim, average=0)
     with_nan = params()
 
     pyro.clear_param_store()
@@ -258,6 +272,9 @@ STOPS = {
         "interrupted",
     ),
     "mid_update": (lambda: dict(optim=InterruptingAdam(25)), 24, "interrupted"),
+    # inside the final 20% of the 60 steps, whose parameters are averaged: the checkpoint
+    # holds the running mean of steps 49 to 53, and the resumed fit adds 54 to 60
+    "averaging": (lambda: dict(callback=interrupt_at(52), optim=adam()), 53, "interrupted"),
     "num_steps": (
         lambda: dict(num_steps=25, checkpoint_every=10, optim=adam(), **SCHEDULE),
         25,

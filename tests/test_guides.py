@@ -3,6 +3,7 @@ copies, dtypes, devices, NeuTra), its set-up errors, and data of other shapes.""
 
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -26,7 +27,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_value
 from pyro.infer.reparam import NeuTraReparam
 from torch.distributions import biject_to
 
-from pyro_flows import FLOWS, AutoFlowGuide
+from pyro_flows import FLOWS, AutoFlowGuide, StartWarning
 
 
 def model(x, y):
@@ -71,8 +72,8 @@ def test_contract(flow, loss):
         assert all(torch.isfinite(torch.tensor(losses)))
 
         # A gradient on every parameter.
-        params = [guide.loc_unconstrained, guide.scale_unconstrained]
-        params.append(guide.flow_params_unconstrained)
+        params = list(guide.parameters())
+        assert len(params) == 4  # shift, scale_diag, scale_tril, flow_params
         surrogate = Trace_ELBO().differentiable_loss(model, guide, x, y)
     grads = torch.autograd.grad(surrogate, params)
     for g in grads:
@@ -111,7 +112,7 @@ def test_contract(flow, loss):
 
 
 @pytest.mark.parametrize("flow", FLOWS)
-def test_step_zero_is_the_diagonal_normal(flow):
+def test_step_zero_of_the_prior_start_is_the_diagonal_normal(flow):
     torch.set_default_dtype(torch.float64)
     x, y = data()
     values = {
@@ -121,7 +122,7 @@ def test_step_zero_is_the_diagonal_normal(flow):
         "b": torch.tensor([-1.0, 0.0, 2.0]),
     }
     init = init_to_value(values=values)
-    guide = AutoFlowGuide(model, flow=flow, init_loc_fn=init, init_scale=0.2)
+    guide = AutoFlowGuide(model, flow=flow, init="prior", init_loc_fn=init, init_scale=0.2)
     trace = poutine.trace(guide).get_trace(x, y)
     loc = guide.loc.detach()
     assert loc[0] == torch.tensor(0.7).log()  # sigma, unconstrained
@@ -144,6 +145,27 @@ def test_step_zero_is_the_diagonal_normal(flow):
     for name, _ in guide.prototype_trace.iter_stochastic_nodes():
         torch.testing.assert_close(replayed.nodes[name]["value"], trace.nodes[name]["value"])
     torch.testing.assert_close(trace.log_prob_sum(), replayed.log_prob_sum(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pathfinder", "laplace"])
+@pytest.mark.parametrize("flow", FLOWS)
+def test_step_zero_of_an_automatic_start_is_its_gaussian(flow, init):
+    torch.set_default_dtype(torch.float64)
+    x, y = data()
+    guide = AutoFlowGuide(model, flow=flow, init=init)
+    guide(x, y)
+    start = guide.start
+    assert start.how == init and math.isfinite(start.elbo)
+    covariance = start.root.apply(torch.eye(guide.latent_dim)).mT  # columns S_0 e_j
+    covariance = covariance @ covariance.mT
+    gaussian = dist.MultivariateNormal(start.loc, covariance)
+    z = start.loc + torch.randn(50, guide.latent_dim) @ torch.linalg.cholesky(covariance).mT
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(z), gaussian.log_prob(z))
+        torch.testing.assert_close(guide.loc, start.loc)
+        torch.testing.assert_close(guide.scale, covariance.diagonal().sqrt())
+    per_site = {name: getattr(guide.scales, name).reshape(-1) for name in ("sigma", "w")}
+    torch.testing.assert_close(torch.cat(list(per_site.values())), guide.scale[:3])
 
 
 def test_float64_follows_the_model():
@@ -334,7 +356,8 @@ def test_user_flows():
 
 def test_flow_config():
     guide = AutoFlowGuide(model, flow="nsf", bins=4)
-    assert guide.flow_config == {"flow": "nsf", "bins": 4, "init_scale": 0.1, "stl": False}
+    expected = {"flow": "nsf", "bins": 4, "init": "pathfinder", "init_scale": 0.1, "stl": True}
+    assert guide.flow_config == expected
 
 
 def test_importing_keeps_distribution_validation():
@@ -435,7 +458,13 @@ def test_subsampled_observations_with_global_latents_are_fine():
         with pyro.plate("data", 100, subsample_size=10) as idx:
             pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
 
-    assert set(AutoFlowGuide(model)(torch.zeros(100))) == {"mu"}
+    # The automatic start needs the full data: a warning, then AutoNormal's start.
+    with pytest.warns(StartWarning, match=r"subsamples \(plate 'data', 10 of 100"):
+        guide = AutoFlowGuide(model)
+        assert set(guide(torch.zeros(100))) == {"mu"}
+    assert guide.start.how == "prior"
+    pyro.clear_param_store()
+    assert set(AutoFlowGuide(model, init="prior")(torch.zeros(100))) == {"mu"}
 
 
 def test_create_plates_as_in_autonormal():
@@ -451,7 +480,7 @@ def test_create_plates_as_in_autonormal():
     def create_plates(y):
         return [pyro.plate("data", 100, subsample_size=10), pyro.plate("groups", 2)]
 
-    guide = AutoFlowGuide(model, create_plates=create_plates)
+    guide = AutoFlowGuide(model, init="prior", create_plates=create_plates)
     assert guide(torch.zeros(100))["b"].shape == (2,)
     assert set(guide.plates) == {"data", "groups"}
 
@@ -552,7 +581,7 @@ def test_the_suggested_split_for_subsampled_local_latents_works():
     guide = AutoGuideList(
         model, create_plates=lambda y: pyro.plate("data", 100, subsample_size=10)
     )
-    guide.append(AutoFlowGuide(poutine.block(model, hide=["z"])))
+    guide.append(AutoFlowGuide(poutine.block(model, hide=["z"]), init="prior"))
     guide.append(AutoNormal(poutine.block(model, expose=["z"])))
     y = torch.randn(100) + 2.0
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
@@ -588,3 +617,89 @@ def test_data_of_another_shape_with_global_latents_only_is_fine():
     guide = AutoFlowGuide(model)
     guide(torch.zeros(5), torch.zeros(5))
     assert guide(torch.zeros(3))["w"].shape == ()  # e.g. Predictive on new inputs
+
+
+# The start (init=) -----------------------------------------------------------------------
+
+
+def test_a_start_that_cannot_run_falls_back_with_a_warning():
+    def flat(y):  # x is flat along one direction: the Laplace approximation has no mode
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(x.sum(), 0.1), obs=y)
+        pyro.factor("flat", 0.5 * x.square().sum())  # cancels the prior's curvature
+
+    with pytest.warns(StartWarning, match=r"init='laplace'.*not a strict maximum"):
+        guide = AutoFlowGuide(flat, init="laplace", init_scale=0.3)
+        guide(torch.tensor(1.0))
+    assert guide.start.how == "prior"
+    torch.testing.assert_close(guide.scale, torch.full((2,), 0.3))
+    pyro.clear_param_store()
+
+    def nowhere(y):  # a zero density everywhere: no start can be found
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.tensor(-math.inf) + 0 * x)
+
+    with pytest.warns(StartWarning, match=r"init='pathfinder'.*not finite"):
+        guide = AutoFlowGuide(nowhere)
+        guide(torch.tensor(1.0))
+    assert guide.start.how == "prior"
+
+
+def test_unknown_start():
+    with pytest.raises(ValueError, match=r"init='Pathfinder': use one of \['pathfinder'"):
+        AutoFlowGuide(model, init="Pathfinder")
+
+
+def test_the_start_has_a_bounded_cost():
+    x, y = data()
+    guide = AutoFlowGuide(model)
+    guide(x, y)
+    # Pathfinder's cap (1,500 rows of the log density) and the ELBO of the prior start.
+    assert 0 < guide.start.evaluations <= 1500 + 32
+    assert guide.start.seconds > 0
+
+
+def test_above_the_dense_limit_the_linear_layer_is_diagonal_plus_low_rank():
+    torch.set_default_dtype(torch.float64)
+
+    def wide(y):
+        with pyro.plate("d", 250):
+            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(x, 0.5), obs=y)
+
+    y = torch.randn(250, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    guide = AutoFlowGuide(wide, hidden_features=(8,))
+    guide(y)
+    names = {name for name, _ in guide.named_parameters()}
+    assert {"scale_left", "scale_right"} <= {n.removesuffix("_unconstrained") for n in names}
+    assert "scale_tril_unconstrained" not in names
+    # At step 0 the guide is the start's Gaussian: log q(z) = log N(S_0^-1 (z - mu_0)) - log|S_0|.
+    start = guide.start
+    z = start.loc + torch.randn(5, 250, dtype=torch.float64)
+    eps = start.root.solve(z - start.loc)
+    expected = dist.Normal(0.0, 1.0).log_prob(eps).sum(-1) - start.root.log_abs_det
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(z), expected)
+    # The posterior is N(0.8 y, 0.2): Pathfinder finds it.
+    torch.testing.assert_close(start.loc, 0.8 * y, atol=1e-3, rtol=0)
+
+
+def test_locs_and_scales_per_site_as_autonormal():
+    torch.set_default_dtype(torch.float64)
+    x, y = data()
+    values = {
+        "sigma": torch.tensor(0.7),
+        "w": torch.tensor([0.3, -1.0]),
+        "p": torch.tensor([0.2, 0.3, 0.5]),
+        "b": torch.tensor([-1.0, 0.0, 2.0]),
+    }
+    init = init_to_value(values=values)
+    guide = AutoFlowGuide(model, init="prior", init_loc_fn=init, init_scale=0.2)
+    autonormal = AutoNormal(model, init_loc_fn=init, init_scale=0.2)
+    guide(x, y), autonormal(x, y)
+    for name in ("sigma", "w", "p", "b"):
+        # at step 0 the same numbers as AutoNormal's (unconstrained, per site)
+        torch.testing.assert_close(getattr(guide.locs, name), getattr(autonormal.locs, name))
+        torch.testing.assert_close(getattr(guide.scales, name), getattr(autonormal.scales, name))
+    with pytest.raises(ValueError, match="not been set up yet"):
+        AutoFlowGuide(model).locs  # noqa: B018

@@ -63,7 +63,9 @@ def test_positive_site_mode_and_sd_in_log_space():
 def test_guide_starts_at_the_laplace_diagonal():
     counts = torch.tensor([3.0, 5.0, 4.0, 7.0])
     start = laplace_start(gamma_poisson, counts)
-    guide = AutoFlowGuide(gamma_poisson, init_loc_fn=start.init_loc_fn, init_scale=start.scales)
+    guide = AutoFlowGuide(
+        gamma_poisson, init="prior", init_loc_fn=start.init_loc_fn, init_scale=start.scales
+    )
     guide(counts)
     assert torch.allclose(guide.loc, start.values["rate"].log().reshape(1))
     assert torch.allclose(guide.scale, start.scales["rate"].reshape(1))
@@ -81,7 +83,8 @@ def regression(x, y):
         pyro.sample("y", dist.Normal(mean, sigma), obs=y)
 
 
-def test_a_narrow_posterior_is_fitted_from_the_laplace_start():
+@pytest.mark.parametrize("init", ["pathfinder", "laplace"])
+def test_a_narrow_posterior_is_fitted_from_an_automatic_start(init):
     # Predictors of scale 100 make the coefficients' sds about 1e-3 (as posteriordb's sblri).
     torch.manual_seed(0)
     x = 100.0 * torch.randn(100, 3)
@@ -91,22 +94,27 @@ def test_a_narrow_posterior_is_fitted_from_the_laplace_start():
     # widens beta's marginal by under 1 %.
     sd = start.values["sigma"] * torch.linalg.inv(x.T @ x).diagonal().sqrt()
     loss = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
-    laplace = {"init_loc_fn": start.init_loc_fn, "init_scale": start.scales}
     ratios, errors = {}, {}
-    for name, options in {"default": {}, "laplace": laplace}.items():
+    for name in (init, "prior"):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        guide = AutoFlowGuide(regression, stl=True, **options)
-        fit(regression, guide, x, y, num_steps=300, loss=loss, progress_bar=False)
+        guide = AutoFlowGuide(regression, init=name, stl=True)
+        result = fit(regression, guide, x, y, num_steps=300, loss=loss)
+        losses = result.losses
         beta = guide.get_posterior().sample((4000,))[:, :3]
         ratios[name] = beta.std(0) / sd
         errors[name] = (beta.mean(0) - start.values["beta"]).abs() / sd
+        if name == init:
+            # Whitened parameters: Adam's first steps (lr 0.01) move the guide by about 1% of
+            # a posterior sd, so the loss stays near its start (it jumped from 108 to 40,363
+            # when the location was trained in raw units from a start of sd 3.5e-5).
+            assert max(losses[:20]) < losses[0] + 10, losses[:20]
     # 4,000 draws estimate an sd within 1.1 % and a mean within 0.016 sd (one MC sd): the
     # bands below are the issue's accuracy goals, far outside Monte Carlo noise.
-    assert ((ratios["laplace"] > 0.9) & (ratios["laplace"] < 1.1)).all(), ratios["laplace"]
-    assert (errors["laplace"] < 0.2).all(), errors["laplace"]
-    # From the default start (0 and 0.1), 300 steps leave the guide many times too wide.
-    assert (ratios["default"] > 5).all(), ratios["default"]
+    assert ((ratios[init] > 0.9) & (ratios[init] < 1.1)).all(), ratios[init]
+    assert (errors[init] < 0.2).all(), errors[init]
+    # From the prior start (0 and 0.1), 300 steps leave the guide many times too wide.
+    assert (ratios["prior"] > 5).all(), ratios["prior"]
 
 
 def test_latents_in_plates():

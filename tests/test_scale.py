@@ -39,7 +39,8 @@ def test_svi_step_at_10000_dimensions_in_bounded_memory():
     spec = {"D": 10_000, "flow": "iaf", "options": {}, "seconds": 1e-3, "max_steps": 5}
     row = run_one({**spec, "fit_steps": 0}, timeout=300)
     assert "error" not in row, row
-    assert row["params"] == 582 * 10_000 + 12_672 + 2 * 10_000
+    # the flow, then the location and T: its diagonal and a rank-8 part (A and B, D x 8 each)
+    assert row["params"] == 582 * 10_000 + 12_672 + (2 + 2 * 8) * 10_000
     # One D x D float32 matrix would be 400 MB; parameters, gradients and Adam's moments are
     # 4 x 23 MB, and each step's masked weights and activations a few more copies.
     assert row["peak_mb"] < 400, row
@@ -92,10 +93,10 @@ def test_hierarchical_model_fits(dim, options, steps, tolerance):
 def test_quantile_draws_in_chunks_are_one_pass_draws():
     # Chunks of about 2**20 numbers: 4 chunks of 1,048 draws here.
     y = torch.zeros(999)
-    guide = AutoFlowGuide(hierarchical, init_scale=1.0)
+    guide = AutoFlowGuide(hierarchical, init="prior", init_scale=1.0)
     guide(y)
     with torch.no_grad():
-        for p in (guide.loc, guide.flow_params):  # away from the identity
+        for p in (guide.shift, guide.flow_params):  # away from the identity
             p.unconstrained().add_(0.01 * torch.randn_like(p))
         generator = torch.Generator().manual_seed(0)
         eps = torch.randn(guide.num_quantile_samples, 1000, generator=generator)

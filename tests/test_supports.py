@@ -45,7 +45,7 @@ def test_support_depending_on_a_param_is_dependent():
 
 
 def test_draws_stay_in_the_moving_support():
-    guide = AutoFlowGuide(triangle, init_scale=2.0)
+    guide = AutoFlowGuide(triangle, init="prior", init_scale=2.0)
     with pyro.plate("draws", 2000):
         draws = guide()
     assert ((draws["b"] > 0) & (draws["a"] + draws["b"] < 1)).all()
@@ -58,7 +58,7 @@ def test_draws_stay_in_the_moving_support():
 
 def test_log_density_has_the_dependent_jacobian():
     torch.set_default_dtype(torch.float64)
-    guide = AutoFlowGuide(triangle, init_scale=0.7)
+    guide = AutoFlowGuide(triangle, init="prior", init_scale=0.7)
     trace = poutine.trace(guide).get_trace()
     trace.compute_log_prob()
     a, b = trace.nodes["a"]["value"], trace.nodes["b"]["value"]
@@ -163,7 +163,7 @@ def test_positive_ordered_guide_draws_stay_finite_in_float32():
             "cutpoints", dist.ImproperUniform(constraints.positive_ordered_vector, (), (3,))
         )
 
-    guide = AutoFlowGuide(model, init_scale=3.0)
+    guide = AutoFlowGuide(model, init="prior", init_scale=3.0)
     with torch.no_grad(), pyro.plate("draws", 10_000):
         draws = guide()["cutpoints"]
     assert torch.isfinite(draws).all() and (draws > 0).all() and (draws.diff(dim=-1) >= 0).all()
@@ -176,7 +176,9 @@ def test_wishart_site():
         pyro.sample("precision", dist.Wishart(torch.tensor(4.0), torch.eye(2)))
 
     init = init_to_value(values={"precision": torch.eye(2)})  # torch's sampler warns
-    guide = AutoFlowGuide(model, hidden_features=(8,), init_loc_fn=init, init_scale=0.5)
+    guide = AutoFlowGuide(
+        model, hidden_features=(8,), init="prior", init_loc_fn=init, init_scale=0.5
+    )
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     assert all(torch.isfinite(torch.tensor(svi.step())) for _ in range(5))
     assert constraints.positive_definite.check(guide.median()["precision"])
