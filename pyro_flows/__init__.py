@@ -10,7 +10,7 @@ from .fitting import FitResult, fit, load_checkpoint
 from .flows import FLOWS
 from .guides import AutoFlowGuide
 from .importance import ImportanceWeights, log_importance_weights
-from .initialization import init_to_median_or_feasible
+from .initialization import init_to_feasible, init_to_median_or_feasible
 from .laplace import LaplaceStart, laplace_start
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "diagnose",
     "fit",
+    "init_to_feasible",
     "init_to_median_or_feasible",
     "laplace_start",
     "load_checkpoint",

@@ -64,8 +64,17 @@ class PackedLatent:
         ['s', 'x']
     """
 
-    def __init__(self, model: Callable, prototype: Trace, args: tuple, kwargs: dict) -> None:
-        self.sites = {name: site for name, site in prototype.iter_stochastic_nodes()}
+    def __init__(
+        self,
+        model: Callable,
+        prototype: Trace,
+        args: tuple,
+        kwargs: dict,
+        local: frozenset[str] = frozenset(),
+    ) -> None:
+        self.sites = {
+            name: site for name, site in prototype.iter_stochastic_nodes() if name not in local
+        }
         self.transforms = {
             name: site_bijection(site["fn"].support) for name, site in self.sites.items()
         }
@@ -77,13 +86,20 @@ class PackedLatent:
         self.fill: dict[str, Tensor] = {}  # and the unconstrained values of the held ones
         self.discarded: dict[str, Tensor] = {}  # the held elements, in the site's batch shape
         self.sizes = {name: shape.numel() for name, shape in self.shapes.items()}
+        if self.dim == 0 and local:
+            raise ValueError(
+                f"Every latent site of the model ({', '.join(sorted(local))}) is inside a "
+                "subsampled plate: there are no global latents for a flow. Use AutoNormal "
+                "(its guide for local sites is AutoFlowGuide's)."
+            )
         if self.dim == 0:
             raise RuntimeError("no latent elements")  # explained by explained_setup_errors
         _check_subsampled(self.sites)
-        values = {name: site["value"] for name, site in self.sites.items()}
+        values = {name: site["value"] for name, site in prototype.iter_stochastic_nodes()}
         trace = trace_with_leaf_latents(model, values, *args, **kwargs)
         check_data(trace, model, args, kwargs)
-        self.dependent = frozenset(dependent_support_sites(trace, values))
+        self.dependent = frozenset(dependent_support_sites(trace, self.sites))
+        _check_local_supports(dependent_support_sites(trace, local))
         self.max_plate_nesting = plate_nesting(trace.nodes.values())
         self.subsampled = next(
             (
@@ -271,17 +287,25 @@ _NOT_BATCHED = (RuntimeError, ValueError, IndexError, KeyError, TypeError, Asser
 PackedLatent._ways = (PackedLatent._batched, PackedLatent._vmapped)
 
 
+def _check_local_supports(dependent: set[str]) -> None:
+    for name in sorted(dependent):
+        raise NotImplementedError(
+            f"Local latent site {name!r} (inside a subsampled plate) has a support that "
+            "depends on other latents: AutoFlowGuide's guide for local sites maps each through "
+            "a fixed support. Reparametrize the site (sample it on a fixed support and "
+            "transform it in the model), or make its plate not subsampled."
+        )
+
+
 def _check_subsampled(sites: dict[str, dict]) -> None:
     for name, site in sites.items():
         frame = subsampled_plate(site)
         if frame is not None:
             raise ValueError(
                 f"Latent site '{name}' is inside plate '{frame.name}', which is subsampled "
-                f"({frame.size} of {frame.full_size}). A single flow over all latents "
-                "would share its parameters across mini-batches. Split the guide: "
-                "guide = AutoGuideList(model, create_plates=...); "
-                f"guide.append(AutoFlowGuide(poutine.block(model, hide=['{name}']))); "
-                f"guide.append(AutoNormal(poutine.block(model, expose=['{name}'])))."
+                f"({frame.size} of {frame.full_size}): a mode and a Hessian need the whole "
+                "data. Call the model with the arguments that make it use all of it (no "
+                "subsample_size)."
             )
 
 

@@ -22,12 +22,13 @@ from zuko.transforms import ComposedTransform
 
 from ._latent import PackedLatent, explained_setup_errors
 from ._linear import DENSE_MAX, RANK, LinearScale, root_factor, tril_speed
+from ._local import LOCAL_KINDS, LocalSites, local_sites
 from ._packing import ParameterPacking
 from ._pathfinder import RootFactor
 from ._start import STARTS, Start, find_start
 from .distributions import FlowPosterior, detached_log_prob
 from .flows import FLOWS, as_lazy_transform, check_flow, fan_in_multipliers, flow_speed
-from .initialization import check_init_scale, init_to_median_or_feasible
+from .initialization import check_init_scale, init_to_feasible
 
 
 class _ModelRef(tuple):
@@ -139,16 +140,19 @@ class AutoFlowGuide(AutoContinuous):
         *,
         flow: str | Callable[[int], object] = "iaf",
         init: str = "pathfinder",
-        init_loc_fn: Callable[[dict], Tensor] = init_to_median_or_feasible,
+        init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float | Mapping[str, float | Tensor] = 0.1,
         create_plates: Callable[..., object] | None = None,
         stl: bool = True,
+        local: str = "mean_field",
         num_quantile_samples: int = 4096,
         **flow_options: object,
     ) -> None:
         init_scale = check_init_scale(init_scale)
         if init not in STARTS:
             raise ValueError(f"init={init!r}: use one of {list(STARTS)}.")
+        if local not in LOCAL_KINDS:
+            raise ValueError(f"local={local!r}: use one of {list(LOCAL_KINDS)}.")
         if not isinstance(num_quantile_samples, int) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
@@ -158,7 +162,10 @@ class AutoFlowGuide(AutoContinuous):
         self._user_model = _ModelRef((model,))
         self.init_scale = init_scale
         self.init = init
+        self.local = local
         self.start: Start | None = None
+        self._local: LocalSites | None = None
+        self._pending_local: dict[str, Tensor] = {}
         self.flow_name = flow if isinstance(flow, str) else None
         self._flow_factory = FLOWS[flow] if isinstance(flow, str) else flow
         self.flow_options = dict(flow_options)
@@ -200,7 +207,11 @@ class AutoFlowGuide(AutoContinuous):
             # AutoContinuous's own set-up maps supports with torch's biject_to only.
             super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
             prototype.trace = self.prototype_trace
-            self._latent = PackedLatent(model, self.prototype_trace, args, kwargs)
+            found = local_sites(self.prototype_trace)
+            self._local = LocalSites(found) if found else None
+            self._latent = PackedLatent(
+                model, self.prototype_trace, args, kwargs, local=frozenset(found)
+            )
         self.latent_dim = self._latent.dim
         self._cond_indep_stacks = {
             name: site["cond_indep_stack"] for name, site in self._latent.sites.items()
@@ -214,6 +225,7 @@ class AutoFlowGuide(AutoContinuous):
                     f"but the model has {self.latent_dim}: load a state dict saved from a guide "
                     "of the same model."
                 )
+            self._build_local()
             return
         init_loc = self._latent.initial()
         for site, value in self._latent.unpack(init_loc):
@@ -225,6 +237,16 @@ class AutoFlowGuide(AutoContinuous):
                 )
         self.start = find_start(self.init, self._latent, model, args, kwargs, self.init_scale)
         self._build_parameters(self.start)
+        self._build_local()
+
+    def _build_local(self) -> None:
+        # The local sites' parameters, and values loaded before the set-up (load_state_dict).
+        if self._local is None:
+            return
+        self._local.build(self, self.init_scale, self.local, self.latent_dim)
+        if self._pending_local:
+            pending, self._pending_local = self._pending_local, {}
+            super().load_state_dict(pending, strict=False)
 
     @property
     def _dependent_sites(self) -> frozenset[str]:
@@ -288,6 +310,11 @@ class AutoFlowGuide(AutoContinuous):
 
         if "shift" not in self._pyro_params and "start_loc" in state_dict:
             self._build_parameters(_saved_start(state_dict))
+        if not hasattr(self, "local_locs"):  # before set-up: local sites' values wait for it
+            local = {k: v for k, v in state_dict.items() if k.startswith(_LOCAL_PREFIXES)}
+            if local:
+                self._pending_local = dict(local)
+                state_dict = {k: v for k, v in state_dict.items() if k not in local}
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as error:
@@ -297,8 +324,10 @@ class AutoFlowGuide(AutoContinuous):
                 f"same model and options as the saved one.\n{error}"
             ) from error
         store = pyro.get_param_store()
-        for name in _PARAMS:
-            fullname = f"{self._pyro_name}.{name}"
+        prefix = f"{self._pyro_name}."
+        own = [f"{prefix}{name}" for name in _PARAMS]
+        own += [name for name in store.keys() if name.startswith(f"{prefix}local_")]
+        for fullname in own:
             if fullname in store:
                 del store[fullname]
         return result
@@ -444,13 +473,44 @@ class AutoFlowGuide(AutoContinuous):
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, delta)
+        if self._local is not None:
+            standardized = self._standardized(latent)
+            result.update(self._local.draw(self, plates, standardized, self.stl))
         return result
+
+    def _standardized(self, latent: Tensor) -> Tensor | None:
+        # The global draw as the structured local guide sees it: standardized by the start.
+        if self.local != "structured":
+            return None
+        loc, scale = self._affine()
+        return (latent - loc.detach()) / (self.start_scale * scale.diag).detach()
+
+    def _create_plates(self, *args: object, **kwargs: object) -> dict:
+        # As AutoGuide's, except that without create_plates the guide's plates subsample as
+        # the model did at the last call whose arguments had new shapes or sizes (e.g.
+        # subsample_size=None: the whole data, for diagnose and to_inference_data), not
+        # always as at set-up.
+        sizes = getattr(self, "_subsample_sizes", {})
+        if self.master is not None or self.create_plates is not None or not sizes:
+            return super()._create_plates(*args, **kwargs)
+        self.plates = {}
+        for name, frame in sorted(self._prototype_frames.items()):
+            full = frame.full_size or frame.size
+            size = sizes.get(name, frame.size)
+            self.plates[name] = pyro.plate(name, full, dim=frame.dim, subsample_size=size)
+        return self.plates
 
     def _check_latent_shapes(self, *args: object, **kwargs: object) -> None:
         # Data of another shape: fine unless the latent sites change shape with it.
         model = poutine.block(self.model, self._prototype_hide_fn)
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        self._subsample_sizes = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
+            if self._local is not None and name in self._local.sites:
+                new = trace.nodes.get(name)
+                _check_full_sizes(name, site, new)
+                self._subsample_sizes |= {f.name: f.size for f in new["cond_indep_stack"]}
+                continue
             new = trace.nodes[name]["value"].shape if name in trace.nodes else None
             if new != site["value"].shape:
                 plates = [f"'{f.name}' ({f.size})" for f in site["cond_indep_stack"]]
@@ -524,7 +584,11 @@ class AutoFlowGuide(AutoContinuous):
                         site_shape = result[name][0].shape
                         q = _columnwise_quantile(values, probs)
                         result[name] = list(q.reshape(len(probs), *site_shape))
-        return {name: torch.stack(values) for name, values in result.items()}
+        quantiles = {name: torch.stack(values) for name, values in result.items()}
+        if self._local is not None:
+            standardized = self._standardized(draws)
+            quantiles.update(self._local.quantiles(self, probs, standardized))
+        return quantiles
 
     @torch.no_grad()
     def median(self, *args: object, **kwargs: object) -> dict[str, Tensor]:
@@ -548,6 +612,7 @@ def _nest(namespace: SimpleNamespace, parts: list[str], value: Tensor) -> None:
     setattr(namespace, parts[-1], value)
 
 
+_LOCAL_PREFIXES = ("local_locs.", "local_scales.", "local_weights.")
 _PARAMS = ("shift", "scale_diag", "scale_tril", "scale_left", "scale_right", "flow_params")
 
 
@@ -596,6 +661,20 @@ def _saved_start(state_dict: Mapping[str, Tensor]) -> Start:
         )
     loc, scale, basis, core, multiplier = (t.clone() for t in tensors)
     return Start(loc, root_factor(scale, basis, core), multiplier, "loaded")
+
+
+def _check_full_sizes(name: str, site: dict, new: dict | None) -> None:
+    # A local site's parameters have its plates' full sizes, fixed at set-up.
+    before = {f.name: f.full_size or f.size for f in site["cond_indep_stack"]}
+    after = {} if new is None else {f.name: f.full_size or f.size for f in new["cond_indep_stack"]}
+    for plate, size in before.items():
+        if after.get(plate) != size:
+            raise ValueError(
+                f"Plate {plate!r} of local latent site {name!r} had {size} elements when this "
+                f"guide was set up, and has {after.get(plate)} with these arguments: the guide "
+                "holds a location and scale per element, fixed at set-up. Build a new guide "
+                "for data of another size."
+            )
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:

@@ -438,20 +438,6 @@ def test_discrete_latent_site_is_named():
         AutoFlowGuide(model)()
 
 
-def test_subsampled_local_latents_are_refused():
-    def model(y):
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", 100, subsample_size=10) as idx:
-            z = pyro.sample("z", dist.Normal(mu, 1.0))
-            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
-
-    with pytest.raises(
-        ValueError,
-        match=r"'z' is inside plate 'data'.*10 of 100.*AutoGuideList\(model, create_plates",
-    ):
-        AutoFlowGuide(model)(torch.zeros(100))
-
-
 def test_subsampled_observations_with_global_latents_are_fine():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

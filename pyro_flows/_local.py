@@ -1,0 +1,223 @@
+r"""The guide of local latents: sites inside a subsampled plate, one Gaussian per element.
+
+:class:`~pyro_flows.AutoFlowGuide` puts its flow on the global latents only (those outside
+every subsampled plate). Each local site gets, as in ``AutoNormal``, a location and a scale
+per element of the plate's full size, in the unconstrained space of the site's support;
+inside the plate Pyro indexes them by the subsample (parameters with ``event_dim``, which
+Pyro subsamples). Two kinds, by the guide's ``local`` option:
+
+- ``"mean_field"``: :math:`u_j \sim N(m_j, s_j^2)`, independent of everything else
+  (``AutoNormal``'s guide for those sites);
+- ``"structured"``: :math:`u_j \sim N(m_j + W_j y, s_j^2)`, with :math:`y` the global draw
+  standardized by the start (:math:`(z - \mu_0) / s_0`): each element's location moves
+  linearly with the globals, as in hierarchical models where a group's effect and the group
+  scale are strongly coupled (Agrawal & Domke, 2021; Pyro's ``AutoStructured``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["LOCAL_KINDS", "LocalSites", "STLNormal", "local_sites"]
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from operator import attrgetter
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
+from pyro.ops.tensor_utils import periodic_repeat
+from pyro.poutine.trace_struct import Trace
+from torch import Tensor
+
+from ._structure import subsampled_plate
+from .supports import site_bijection
+
+LOCAL_KINDS = ("mean_field", "structured")
+
+
+class STLNormal(dist.Normal):
+    r"""A Normal that draws with ``loc`` and ``scale`` and scores with ``score_loc`` and
+    ``score_scale``: the same values with the parameters' gradients stopped (the "sticking the
+    landing" estimator for the local sites), the draw's path (here through the globals, for
+    the structured guide) kept.
+
+    Example:
+        >>> loc = torch.zeros(2, requires_grad=True)
+        >>> q = STLNormal(loc, torch.ones(2), loc.detach(), torch.ones(2))
+        >>> q.log_prob(torch.ones(2)).requires_grad
+        False
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor, score_loc: Tensor, score_scale: Tensor) -> None:
+        super().__init__(loc, scale)
+        self.score_loc, self.score_scale = score_loc, score_scale
+
+    def expand(self, batch_shape: torch.Size, _instance: object = None) -> STLNormal:
+        shape = torch.Size(batch_shape)
+        return STLNormal(
+            self.loc.expand(shape),
+            self.scale.expand(shape),
+            self.score_loc.expand(shape),
+            self.score_scale.expand(shape),
+        )
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return dist.Normal(self.score_loc, self.score_scale).log_prob(value)
+
+
+class LocalSites:
+    r"""The local sites of a guide: their parameters (held by the guide's modules) and their
+    draws.
+
+    Arguments:
+        sites: The local sites of the prototype trace, in model order.
+    """
+
+    def __init__(self, sites: dict[str, dict]) -> None:
+        self.sites = sites
+        self.event_dims: dict[str, int] = {}
+
+    def build(
+        self,
+        guide: PyroModule,
+        init_scale: float | dict[str, Tensor],
+        kind: str,
+        global_dim: int,
+    ) -> None:
+        r"""Creates the parameters, of each plate's full size, in ``guide.local_locs``,
+        ``guide.local_scales`` (and ``guide.local_weights`` for ``"structured"``)."""
+        guide.local_locs, guide.local_scales = PyroModule(), PyroModule()
+        if kind == "structured":
+            guide.local_weights = PyroModule()
+        for name, site in self.sites.items():
+            init_loc = site_bijection(site["fn"].support).inv(site["value"].detach()).detach()
+            event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
+            self.event_dims[name] = event_dim
+            for frame in site["cond_indep_stack"]:
+                full_size = frame.full_size or frame.size
+                if full_size != frame.size:
+                    init_loc = periodic_repeat(init_loc, full_size, frame.dim - event_dim)
+            init_loc = init_loc.contiguous()
+            scale = init_scale.get(name, 0.1) if isinstance(init_scale, dict) else init_scale
+            init = torch.as_tensor(scale, dtype=init_loc.dtype).expand(init_loc.shape)
+            positive = constraints.softplus_positive
+            deep_setattr(guide.local_locs, name, PyroParam(init_loc, constraints.real, event_dim))
+            deep_setattr(guide.local_scales, name, PyroParam(init.clone(), positive, event_dim))
+            if kind == "structured":
+                weights = init_loc.new_zeros(*init_loc.shape, global_dim)
+                param = PyroParam(weights, constraints.real, event_dim + 1)
+                deep_setattr(guide.local_weights, name, param)
+
+    def draw(
+        self, guide: PyroModule, plates: dict, standardized: Tensor | None, stl: bool
+    ) -> Iterator[tuple[str, Tensor]]:
+        r"""Samples every local site inside its plates; yields names and constrained values.
+
+        Arguments:
+            guide: The guide holding the parameters.
+            plates: The guide's plates, by name.
+            standardized: The global draw standardized by the start, shaped as the guide's
+                packed latent (for ``"structured"``), or :py:`None`.
+            stl: Whether the log-densities see stopped-gradient parameters.
+        """
+        for name, site in self.sites.items():
+            with _within(site, plates):
+                loc = attrgetter(name)(guide.local_locs)
+                scale = attrgetter(name)(guide.local_scales)
+                score = (loc.detach(), scale.detach())
+                if standardized is not None:
+                    weights = attrgetter(name)(guide.local_weights)
+                    event_dim = self.event_dims[name]
+                    loc = loc + _linear_in(weights, standardized, event_dim)
+                    score_loc = score[0] + _linear_in(weights.detach(), standardized, event_dim)
+                    score = (score_loc, score[1])
+                normal = STLNormal(loc, scale, *score) if stl else dist.Normal(loc, scale)
+                yield name, self._sample(name, site, normal)
+
+    def _sample(self, name: str, site: dict, normal: dist.Normal) -> Tensor:
+        normal = normal.to_event(self.event_dims[name])
+        infer = {"is_auxiliary": True}
+        u = pyro.sample(f"{name}_unconstrained", normal, infer=infer)
+        transform = site_bijection(site["fn"].support)
+        value = transform(u)
+        log_density = 0.0
+        if pyro.poutine.get_mask() is not False:
+            ladj = transform.log_abs_det_jacobian(u, value)
+            log_density = -sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
+        delta = dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim)
+        return pyro.sample(name, delta)
+
+    def quantiles(
+        self, guide: PyroModule, probs: Tensor, standardized: Tensor | None
+    ) -> dict[str, Tensor]:
+        r"""Quantiles of every local site over the plates' full sizes, constrained.
+
+        Mean-field: the Normal's, mapped through the support (per coordinate, as
+        ``AutoNormal``'s). Structured: of :math:`m_j + W_j y + s_j \epsilon` over the draws
+        ``standardized`` of the globals (Monte Carlo), a chunk of elements at a time.
+        """
+        result = {}
+        for name, site in self.sites.items():
+            loc = attrgetter(name)(guide.local_locs).detach()
+            scale = attrgetter(name)(guide.local_scales).detach()
+            shape = (-1,) + (1,) * loc.dim()
+            if standardized is None:
+                u = dist.Normal(loc, scale).icdf(probs.reshape(shape).to(loc))
+            else:
+                weights = attrgetter(name)(guide.local_weights).detach()
+                u = _structured_quantiles(loc, scale, weights, standardized, probs)
+            result[name] = site_bijection(site["fn"].support)(u)
+        return result
+
+
+def _within(site: dict, plates: dict) -> ExitStack:
+    stack = ExitStack()
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized:
+            stack.enter_context(plates[frame.name])
+    return stack
+
+
+def _linear_in(weights: Tensor, standardized: Tensor, event_dim: int) -> Tensor:
+    r"""Returns :math:`W_j y` for every element: ``weights`` has the site's (subsampled) shape
+    and the globals as last dimension; the leading (particle or draw) dimensions of ``y`` go
+    left of the plate dimensions, which the globals' draw has as ones."""
+    shape = weights.shape[:-1]
+    batch_dim = len(shape) - event_dim
+    lead = standardized.shape[:-1]
+    lead = lead[: max(0, len(lead) - batch_dim)]
+    y = standardized.reshape(*lead, *(1,) * len(shape), standardized.shape[-1])
+    return (weights * y).sum(-1)
+
+
+def _structured_quantiles(
+    loc: Tensor, scale: Tensor, weights: Tensor, standardized: Tensor, probs: Tensor
+) -> Tensor:
+    draws = standardized.reshape(-1, standardized.shape[-1])
+    generator = torch.Generator(device=loc.device).manual_seed(0)
+    flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
+    flat_weights = weights.reshape(-1, weights.shape[-1])
+    chunk = max(1, 2**22 // len(draws))
+    parts = []
+    for start in range(0, len(flat_loc), chunk):
+        stop = start + chunk
+        noise = torch.randn(
+            len(draws), len(flat_loc[start:stop]), generator=generator, dtype=loc.dtype
+        ).to(loc.device)
+        u = flat_loc[start:stop] + draws @ flat_weights[start:stop].mT
+        u = u + flat_scale[start:stop] * noise
+        parts.append(torch.quantile(u, probs.to(u), dim=0))
+    return torch.cat(parts, -1).reshape(len(probs), *loc.shape)
+
+
+def local_sites(prototype: Trace) -> dict[str, dict]:
+    r"""The latent sites of a prototype trace inside a subsampled plate, in model order."""
+    return {
+        name: site
+        for name, site in prototype.iter_stochastic_nodes()
+        if subsampled_plate(site) is not None
+    }
