@@ -88,18 +88,18 @@ def auto_spline(model: Callable, start: LaplaceStart | None = None) -> AutoNorma
     return AutoNormalizingFlow(_with_init(model, start), transform)
 
 
-def flow_guide(flow: str, stl: bool = False) -> Callable[..., AutoFlowGuide]:
-    r"""Returns a constructor of `pyro_flows.AutoFlowGuide` with a named flow family."""
+def flow_guide(flow: str = "iaf", **options: object) -> Callable[..., AutoFlowGuide]:
+    r"""Returns a constructor of `pyro_flows.AutoFlowGuide` with a named flow family and
+    options (the package's defaults otherwise)."""
 
     def build(model: Callable, start: LaplaceStart | None = None) -> AutoFlowGuide:
         if start is None:
-            return AutoFlowGuide(model, flow=flow, stl=stl)
+            return AutoFlowGuide(model, flow=flow, **options)
         laplace = {"init_loc_fn": start.init_loc_fn, "init_scale": start.scales}
-        return AutoFlowGuide(model, flow=flow, stl=stl, init="prior", **laplace)
+        return AutoFlowGuide(model, flow=flow, **{**options, "init": "prior", **laplace})
 
-    build.__doc__ = (
-        f"pyro-flows' AutoFlowGuide, flow={flow!r}, stl={stl}, other options at defaults."
-    )
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "other options at defaults"
+    build.__doc__ = f"pyro-flows' AutoFlowGuide, flow={flow!r}, {shown}."
     return build
 
 
@@ -110,10 +110,11 @@ GUIDES: dict[str, Callable[[Callable], object]] = {
     "AutoMultivariateNormal": auto_mvn,
     "AutoIAFNormal": auto_iaf,
     "AutoNormalizingFlow(spline)": auto_spline,
-    "AutoFlowGuide(iaf)": flow_guide("iaf"),
+    # The default: iaf, Pathfinder start, linear layer, STL.
+    "AutoFlowGuide": flow_guide(),
     "AutoFlowGuide(nsf)": flow_guide("nsf"),
     "AutoFlowGuide(nsf_coupling)": flow_guide("nsf_coupling"),
     "AutoFlowGuide(realnvp)": flow_guide("realnvp"),
-    # The recommended recipe: the "sticking the landing" gradient (docs/guide.md).
-    "AutoFlowGuide(iaf)+stl": flow_guide("iaf", stl=True),
+    # AutoNormal's start and no STL: how version 0.1 started and trained (and the linear layer).
+    "AutoFlowGuide(init=prior,stl=False)": flow_guide(init="prior", stl=False),
 }

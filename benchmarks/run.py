@@ -3,7 +3,7 @@ r"""Runs the reference-posterior benchmark: every guide on every target, in one 
 Usage:
     python -m benchmarks.run --quick          # about 2 minutes: 3 targets, 1 seed, 1,000 steps
     python -m benchmarks.run                  # full: every target, 3 seeds, 5,000 steps
-    python -m benchmarks.run --targets banana --guides AutoNormal "AutoFlowGuide(iaf)"
+    python -m benchmarks.run --targets banana --guides AutoNormal AutoFlowGuide
     python -m benchmarks.run --start laplace --targets sblri-blr --out benchmarks/results/laplace
     python -m benchmarks.run --recipe dropin --out benchmarks/results/dropin   # a user's SVI loop
     python -m benchmarks.run --recipe fit --out benchmarks/results/fit         # fit's defaults

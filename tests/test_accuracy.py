@@ -1,5 +1,6 @@
 """Accuracy against exact posteriors and evidences (conjugate models)."""
 
+import contextlib
 import math
 
 import pyro
@@ -8,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_flows import AutoFlowGuide
+from pyro_flows import AutoFlowGuide, StartWarning
 from pyro_flows.importance import log_importance_weights
 
 # A stated margin on KL(q || p) = log p(y) - ELBO after fitting. For a Gaussian posterior,
@@ -158,7 +159,12 @@ def test_eight_schools_elbo_at_least_autonormal(model):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = make(model)
-        fit(model, guide, sigma, y, num_steps=1000)  # the same budget: steps, particles, lr
+        with contextlib.ExitStack() as stack:
+            if name == "flow" and model is eight_schools_centered:
+                # Pathfinder's path runs into the funnel's neck: the guide says so and starts
+                # from init_loc_fn's point (a start in the neck stayed there: ELBO -40.5).
+                stack.enter_context(pytest.warns(StartWarning, match="ran away"))
+            fit(model, guide, sigma, y, num_steps=1000)  # the same budget: steps, particles, lr
         results[name] = elbo_and_mcse(model, guide, sigma, y)
     (flow, flow_se), (normal, normal_se) = results["flow"], results["AutoNormal"]
     assert flow + 3 * (flow_se**2 + normal_se**2) ** 0.5 >= normal, results

@@ -631,6 +631,38 @@ def test_a_start_that_cannot_run_falls_back_with_a_warning():
     assert guide.start.how == "prior"
 
 
+def test_a_path_into_a_funnels_neck_falls_back_to_the_prior_start():
+    # Centred eight schools: the density grows without bound as tau -> 0 with every theta at
+    # mu, so L-BFGS climbs into the neck and its Gaussians get ever worse (the last one's ELBO
+    # is thousands of nats below the best). A start there is far too narrow to leave.
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+
+    def centred(sigma, y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("school", 8):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    with pytest.warns(StartWarning, match=r"init='pathfinder'.*ran away.*non-centred"):
+        guide = AutoFlowGuide(centred)
+        guide(sigma, y)
+    assert guide.start.how == "prior"
+    pyro.clear_param_store()
+
+    def noncentred(sigma, y):  # the same posterior, no neck: Pathfinder's start is kept
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("school", 8):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+    guide = AutoFlowGuide(noncentred)
+    guide(sigma, y)
+    assert guide.start.how == "pathfinder"
+
+
 def test_unknown_start():
     with pytest.raises(ValueError, match=r"init='Pathfinder': use one of \['pathfinder'"):
         AutoFlowGuide(model, init="Pathfinder")
