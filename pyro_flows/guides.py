@@ -66,17 +66,27 @@ def _required(ref: _ModelRef) -> Callable[..., object]:
 class AutoFlowGuide(AutoContinuous):
     r"""Creates a normalizing-flow autoguide: a drop-in replacement for ``AutoNormal``.
 
-    All latent sites are mapped to an unconstrained vector :math:`z \in \mathbb{R}^D` (as in
-    Pyro's :class:`~pyro.infer.autoguide.AutoContinuous`) on which the guide places
+    All global latent sites are mapped to an unconstrained vector :math:`z \in \mathbb{R}^D`
+    (as in Pyro's :class:`~pyro.infer.autoguide.AutoContinuous`) on which the guide places
 
-    .. math:: z = \mu + \sigma \odot f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I),
+    .. math:: z = \mu_0 + S_0 \left(c \odot m + T f(\epsilon)\right),
+        \qquad \epsilon \sim \mathcal{N}(0, I),
 
-    where :math:`f` is a stack of zuko flow layers acting on standardized coordinates.
-    Every layer starts as the identity, :math:`\mu` starts at the point that ``init_loc_fn``
-    gives and :math:`\sigma` at ``init_scale``: at step 0 the guide is exactly
-    ``AutoDiagonalNormal`` (the same density as ``AutoNormal``), and training only adds
-    shape. Because :math:`f` sees standardized coordinates, spline windows fit parameters
-    of any scale. Drawing a sample and scoring it costs one pass through each layer.
+    where :math:`N(\mu_0, S_0 S_0^\top)` is the start (see ``init``), :math:`m` and the
+    linear layer :math:`T` are learned from zero and the identity, and :math:`f` is a stack
+    of zuko flow layers, each starting as the identity: at step 0 the guide *is* the start's
+    Gaussian. The location and scale are trained in the start's whitened coordinates, so a
+    step of Adam moves the guide by about the same fraction of a posterior sd whatever the
+    posterior's scale. :math:`T` is dense lower-triangular up to 200 coordinates, diagonal
+    plus rank 8 above (see :mod:`pyro_flows._linear`). Drawing a sample and scoring it costs
+    one pass through each layer.
+
+    The defaults are for the loop a user already has (``SVI``, ``Adam({"lr": 0.01})``,
+    ``Trace_ELBO()``, one particle): ``init="pathfinder"`` (a Gaussian close to the
+    posterior before the first step, where ``AutoNormal`` starts at the prior's median
+    whatever the data say) and ``stl=True`` (a gradient whose noise vanishes as the guide
+    approaches the posterior). Latent sites inside subsampled plates (local latents) get a
+    per-element guide of the plate's full size, as ``AutoNormal`` does (``local``).
 
     Sites whose support depends on other latents (e.g. ``b ~ Uniform(0, 1 - a)``) are
     mapped through the support their distribution has given the upstream draws, with the
@@ -104,17 +114,29 @@ class AutoFlowGuide(AutoContinuous):
             ``LazyTransform`` or a torch ``Transform`` of vectors, applied to
             :math:`\epsilon`. A callable's flow should start as the identity for the step-0
             guarantee above (see :func:`~pyro_flows.flows.identity_init_`).
-        init_loc_fn: A per-site initialization function (as in Pyro's autoguides).
-        init_scale: The initial scale :math:`\sigma` of every unconstrained coordinate, or a
-            dict from site names to scales (a number, or a tensor that broadcasts to the
-            site's unconstrained shape; sites left out get 0.1), e.g. the ``scales`` of
-            :func:`~pyro_flows.laplace_start`.
+        init: How the guide finds its start before the first step: ``"pathfinder"``
+            (Zhang et al., 2022: the Gaussian of best ELBO along an L-BFGS path from
+            ``init_loc_fn``'s point), ``"laplace"`` (the mode and the inverse Hessian there)
+            or ``"prior"`` (``init_loc_fn``'s point with ``init_scale``, ``AutoNormal``'s
+            start, trained in raw unconstrained units). The automatic starts fall back to
+            ``"prior"`` with a :class:`~pyro_flows.StartWarning` that says why where they
+            cannot run (subsampled models, a path into a funnel's neck, ...) or where the
+            prior start has the higher ELBO estimate. See :doc:`/initialization`.
+        init_loc_fn: A per-site initialization function (as in Pyro's autoguides); the
+            default, :func:`~pyro_flows.init_to_feasible`, is the image of zero under each
+            site's support bijection.
+        init_scale: The initial scale of every unconstrained coordinate for ``init="prior"``
+            (and the fallback), or a dict from site names to scales (a number, or a tensor
+            that broadcasts to the site's unconstrained shape; sites left out get 0.1), e.g.
+            the ``scales`` of :func:`~pyro_flows.laplace_start`; also the initial scale of
+            local latents.
         create_plates: As in Pyro's ``AutoNormal``: a function of the model's arguments that
-            returns the guide's plates (one or a list), e.g. subsampled ones. Latent sites in
-            subsampled plates are refused (see the errors), so this matters for the plates
-            of latent sites only.
+            returns the guide's plates (one or a list), e.g. subsampled ones.
         stl: Whether to use the "sticking the landing" gradient (the guide's log-density is
-            computed with stopped-gradient parameters).
+            computed with stopped-gradient parameters; O(D) per draw for every flow family).
+        local: The guide of local latents (sites in subsampled plates): ``"mean_field"``
+            (a Normal per element, as ``AutoNormal``) or ``"structured"`` (each element's
+            location also depends linearly on the global draw). See :doc:`/scale`.
         num_quantile_samples: The number of draws behind :meth:`median` and
             :meth:`quantiles`.
         flow_options: Options of the named flow family (zuko's names: ``transforms``,
