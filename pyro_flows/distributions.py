@@ -180,6 +180,9 @@ class FlowPosterior(TorchDistribution):
         return _log_q(eps, ladj, self.scale)
 
 
+DENSE_SOLVE_MAX = 32  # up to this many features, STL's inverse Jacobian is solved densely
+
+
 def _inverse_is_cheap(transform: Transform) -> bool:
     if isinstance(transform, ComposedTransform):
         return all(_inverse_is_cheap(t) for t in transform.transforms)
@@ -207,9 +210,12 @@ def _implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
 
     The value is ``eps``; the gradient with respect to :math:`y` is
     :math:`J_f(\epsilon)^{-\top}` times the incoming gradient. For zuko's autoregressive
-    layers it is solved layer by layer (:func:`_transposed_solve`): :math:`O(D)` memory per
-    draw. Any other transform gets its Jacobian by one batched backward pass
-    (:math:`O(D^2)` memory per draw). The transform must act on each vector independently.
+    layers of more than :data:`DENSE_SOLVE_MAX` features it is solved layer by layer
+    (:func:`_transposed_solve`): :math:`O(D)` memory per draw. Any other transform, and any
+    of at most :data:`DENSE_SOLVE_MAX` features, gets its Jacobian by one batched backward
+    pass (:math:`O(D^2)` memory per draw): at few features one pass costs less than a pass
+    per layer and its iterations (eight schools, ``iaf``: 11.3 against 13.3 ms per SVI
+    step, interleaved). The transform must act on each vector independently.
 
     Arguments:
         transform: The bijection :math:`f` of vectors (parameters detached).
@@ -230,7 +236,8 @@ def _implicit_inverse(transform: Transform, y: Tensor, eps: Tensor) -> Tensor:
 
     layers = _layers(transform)
     eps = eps.detach()
-    if all(isinstance(layer, AutoregressiveTransform) for layer in layers):
+    autoregressive = all(isinstance(layer, AutoregressiveTransform) for layer in layers)
+    if autoregressive and eps.shape[-1] > DENSE_SOLVE_MAX:
 
         def solve(grad: Tensor) -> Tensor:
             return _transposed_solve(layers, eps, grad)

@@ -12,6 +12,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_flows import FLOWS, AutoFlowGuide
 from pyro_flows.distributions import (
+    DENSE_SOLVE_MAX,
     FlowPosterior,
     _implicit_inverse,
     _jacobian,
@@ -101,4 +102,22 @@ def test_layered_transposed_solve_equals_the_dense_jacobian(flow):
     jacobian = _jacobian(transform, eps)
     expected = torch.linalg.solve(jacobian.mT, grad.unsqueeze(-1)).squeeze(-1)
     found = _transposed_solve(_layers(transform), eps, grad)
+    torch.testing.assert_close(found, expected)
+
+
+@pytest.mark.parametrize("features", [7, DENSE_SOLVE_MAX + 8])
+def test_implicit_inverse_of_an_autoregressive_flow_at_either_size(features):
+    # Dense up to DENSE_SOLVE_MAX features, layer by layer above: the same gradient.
+    torch.set_default_dtype(torch.float64)
+    lazy = FLOWS["iaf"](features, hidden_features=(16,))
+    with torch.no_grad():
+        for p in lazy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    transform = lazy()
+    eps = torch.randn(3, features)
+    y = transform(eps).requires_grad_()
+    grad = torch.randn(3, features)
+    (found,) = torch.autograd.grad(_implicit_inverse(transform, y, eps), y, grad)
+    jacobian = _jacobian(transform, eps)
+    expected = torch.linalg.solve(jacobian.mT, grad.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(found, expected)
