@@ -16,7 +16,7 @@ Pyro subsamples). Two kinds, by the guide's ``local`` option:
 
 from __future__ import annotations
 
-__all__ = ["LOCAL_KINDS", "LocalSites", "STLNormal", "local_sites"]
+__all__ = ["LOCAL_KINDS", "LocalSites", "STLNormal", "check_subsample", "local_sites"]
 
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -172,6 +172,34 @@ class LocalSites:
                 u = _structured_quantiles(loc, scale, weights, standardized, probs)
             result[name] = site_bijection(site["fn"].support)(u)
         return result
+
+
+def check_subsample(plates: dict, sites: dict[str, dict]) -> None:
+    r"""Raises a :py:`ValueError` where a plate of a local site subsamples with indices that
+    cannot index its per-element parameters (e.g. from ``create_plates``): not a 1-D integer
+    tensor, or out of :math:`[0, N)` for the plate's full size :math:`N`. (Indexing would
+    otherwise fail with torch's bare message, or on a GPU with a device-side assertion.)"""
+    names = {f.name for site in sites.values() for f in site["cond_indep_stack"]}
+    for name in sorted(names & plates.keys()):
+        plate = plates[name]
+        indices = getattr(plate, "_indices", None)
+        if indices is None:
+            continue
+        size = plate.size
+        problem = None
+        if not isinstance(indices, Tensor) or indices.dim() != 1:
+            problem = f"of shape {tuple(getattr(indices, 'shape', ()))}"
+        elif indices.dtype in (torch.bool,) or indices.is_floating_point():
+            problem = f"of dtype {indices.dtype}"
+        elif len(indices) and (indices.min() < 0 or indices.max() >= size):
+            low, high = int(indices.min()), int(indices.max())
+            problem = f"from {low} to {high}"
+        if problem is not None:
+            raise ValueError(
+                f"Plate {name!r} subsamples local latent sites with indices {problem}: give a "
+                f"1-D integer tensor of indices in [0, {size}) (the plate's full size), e.g. "
+                f"pyro.plate({name!r}, {size}, subsample=torch.randperm({size})[:batch])."
+            )
 
 
 def _within(site: dict, plates: dict) -> ExitStack:

@@ -22,7 +22,7 @@ from zuko.transforms import ComposedTransform
 
 from ._latent import PackedLatent, explained_setup_errors
 from ._linear import DENSE_MAX, RANK, LinearScale, root_factor, tril_speed
-from ._local import LOCAL_KINDS, LocalSites, local_sites
+from ._local import LOCAL_KINDS, LocalSites, check_subsample, local_sites
 from ._packing import ParameterPacking
 from ._pathfinder import RootFactor
 from ._start import STARTS, Start, find_start
@@ -496,6 +496,7 @@ class AutoFlowGuide(AutoContinuous):
                     stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, delta)
         if self._local is not None:
+            check_subsample(plates, self._local.sites)
             standardized = self._standardized(latent)
             result.update(self._local.draw(self, plates, standardized, self.stl))
         return result

@@ -163,5 +163,26 @@ def test_errors():
     with pytest.raises(ValueError, match=r"Plate 'groups' of local latent site 'e' had 20 .*40"):
         guide(torch.cat([Y, Y]), 5)
 
+    def indexed(y, index):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        with pyro.plate("groups", len(y), subsample=index) as i:
+            e = pyro.sample("e", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + e, 0.5), obs=y[i.clamp(0, len(y) - 1)])
+
+    def plates_for(y, index):
+        return pyro.plate("groups", len(y), subsample=index)
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(indexed, init="prior", create_plates=plates_for)
+    guide(Y, torch.arange(5))
+    for index, problem in [
+        (torch.tensor([3, G]), rf"from 3 to {G}"),
+        (torch.tensor([-1, 2]), "from -1 to 2"),
+        (torch.tensor([1.0, 2.0]), "of dtype torch.float32"),
+        (torch.tensor([[1, 2]]), r"of shape \(1, 2\)"),
+    ]:
+        with pytest.raises(ValueError, match=rf"Plate 'groups' .*indices {problem}: .*\[0, {G}\)"):
+            guide(Y, index)
+
     with pytest.raises(ValueError, match="local='joint': use one of"):
         AutoFlowGuide(model, local="joint")
