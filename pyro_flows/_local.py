@@ -126,12 +126,13 @@ class LocalSites:
         """
         for name, site in self.sites.items():
             with _within(site, plates):
-                loc = attrgetter(name)(guide.local_locs)
-                scale = attrgetter(name)(guide.local_scales)
+                event_dim = self.event_dims[name]
+                loc = _in_order(attrgetter(name)(guide.local_locs), site, plates, event_dim)
+                scale = _in_order(attrgetter(name)(guide.local_scales), site, plates, event_dim)
                 score = (loc.detach(), scale.detach())
                 if standardized is not None:
                     weights = attrgetter(name)(guide.local_weights)
-                    event_dim = self.event_dims[name]
+                    weights = _in_order(weights, site, plates, event_dim + 1)
                     loc = loc + _linear_in(weights, standardized, event_dim)
                     score_loc = score[0] + _linear_in(weights.detach(), standardized, event_dim)
                     score = (score_loc, score[1])
@@ -200,6 +201,26 @@ def check_subsample(plates: dict, sites: dict[str, dict]) -> None:
                 f"1-D integer tensor of indices in [0, {size}) (the plate's full size), e.g. "
                 f"pyro.plate({name!r}, {size}, subsample=torch.randperm({size})[:batch])."
             )
+
+
+def _in_order(value: Tensor, site: dict, plates: dict, event_dim: int) -> Tensor:
+    r"""Indexes a local parameter by its plates' subsamples where Pyro does not.
+
+    Pyro indexes a parameter with ``event_dim`` inside a plate by the plate's subsample only
+    where the subsample is smaller than the plate: a subsample of the plate's full size is
+    taken to be in order. One in another order (a shuffled data loader's batch that holds the
+    whole plate) would pair each element's parameters with another element's data; it is
+    indexed here.
+    """
+    for frame in site["cond_indep_stack"]:
+        plate = plates.get(frame.name)
+        indices = getattr(plate, "_indices", None)
+        if indices is None or plate.subsample_size < plate.size:
+            continue
+        indices = indices.to(value.device)
+        if not torch.equal(indices, torch.arange(len(indices), device=value.device)):
+            value = value.index_select(frame.dim - event_dim, indices)
+    return value
 
 
 def _within(site: dict, plates: dict) -> ExitStack:

@@ -7,9 +7,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_flows import AutoFlowGuide, diagnose, fit, to_inference_data
+from pyro_flows._local import LOCAL_KINDS
 
 G = 20
 Y = torch.randn(G, generator=torch.Generator().manual_seed(1)) + 2.0
@@ -186,3 +188,30 @@ def test_errors():
 
     with pytest.raises(ValueError, match="local='joint': use one of"):
         AutoFlowGuide(model, local="joint")
+
+
+def test_a_full_size_subsample_in_another_order_is_indexed():
+    # Pyro indexes parameters by a plate's subsample only where it is smaller than the plate:
+    # a shuffled batch holding every element is indexed by the guide itself.
+    def shuffled(y, index):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        with pyro.plate("groups", len(y), subsample=index) as i:
+            e = pyro.sample("e", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + e, 0.5), obs=y[i])
+
+    def plates_for(y, index):
+        return pyro.plate("groups", len(y), subsample=index)
+
+    for local in LOCAL_KINDS:
+        pyro.clear_param_store()
+        guide = AutoFlowGuide(shuffled, init="prior", local=local, create_plates=plates_for)
+        guide(Y, torch.arange(5))
+        with torch.no_grad():
+            guide.local_locs.e = torch.arange(float(G))  # element j's location is j
+        for index in [torch.randperm(G), torch.arange(G), torch.tensor([4, 1])]:
+            trace = poutine.trace(guide).get_trace(Y, index)
+            fn = trace.nodes["e_unconstrained"]["fn"]
+            loc = getattr(fn, "base_dist", fn).loc
+            if local == "structured":  # the weights start at zero
+                assert torch.count_nonzero(guide.local_weights.e) == 0
+            torch.testing.assert_close(loc.detach(), index.float())
