@@ -136,7 +136,7 @@ class AutoFlowGuide(AutoContinuous):
             computed with stopped-gradient parameters; O(D) per draw for every flow family).
         local: The guide of local latents (sites in subsampled plates): ``"mean_field"``
             (a Normal per element, as ``AutoNormal``) or ``"structured"`` (each element's
-            location also depends linearly on the global draw). See :doc:`/scale`.
+            location also depends linearly on the global draw). See :doc:`/big-data`.
         num_quantile_samples: The number of draws behind :meth:`median` and
             :meth:`quantiles`.
         flow_options: Options of the named flow family (zuko's names: ``transforms``,

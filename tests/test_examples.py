@@ -97,3 +97,19 @@ def test_no_figures(tmp_path):
 
     funnel.main([*TINY, "--no-figures", "--output", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+
+
+# Lightning 2.6 on torch 2.13; a tiny run has fewer batches than Lightning's logging interval.
+@pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)`:FutureWarning")
+@pytest.mark.filterwarnings("ignore:The number of training batches:UserWarning")
+def test_big_data(capsys, figures):
+    pytest.importorskip("lightning")
+    import big_data
+
+    tiny = ("--rows", "2000", "--groups", "100", "--batch-groups", "10")
+    summary, pngs = figures(big_data.main, *tiny)
+    out = capsys.readouterr().out
+    assert "rows/s" in out and "beta[2]" in out
+    assert summary["steps"] == 3 and summary["rows_per_s"] > 0
+    assert set(summary["posterior"]) == {"mu", "tau", "beta[0]", "beta[1]", "beta[2]"}
+    assert pngs == ["big_data_globals.png"]
