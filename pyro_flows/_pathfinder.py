@@ -93,6 +93,7 @@ class PathfinderResult:
         iteration: The L-BFGS iterate it was built at (0 is the starting point).
         elbos: The iterates whose Gaussian's ELBO was estimated to choose one, with the
             estimates (:math:`-\infty` where a draw's log density was not finite).
+        values: The log density at every iterate (up to the constant of `log_density`).
         num_iterations: The L-BFGS iterations run.
         num_evaluations: The log density's evaluations (rows), L-BFGS and ELBO draws.
         seconds: The time spent.
@@ -110,6 +111,7 @@ class PathfinderResult:
     elbo: float
     iteration: int
     elbos: tuple[tuple[int, float], ...]
+    values: tuple[float, ...]
     num_iterations: int
     num_evaluations: int
     seconds: float
@@ -267,6 +269,7 @@ def pathfinder(
         elbo=elbo,
         iteration=iteration,
         elbos=elbos,
+        values=tuple(path.values),
         num_iterations=len(path.points) - 1,
         num_evaluations=density.evaluations,
         seconds=time.perf_counter() - start,
@@ -398,12 +401,14 @@ class _Gaussian(NamedTuple):
 
 @dataclass(frozen=True)
 class _Path:
-    r"""The iterates of L-BFGS (the start first), the log density's gradients there, and
-    the iterates after which the curvature memory was cleared (a failed line search)."""
+    r"""The iterates of L-BFGS (the start first), the log density's values and gradients
+    there, and the iterates after which the curvature memory was cleared (a failed line
+    search)."""
 
     points: list[Tensor]
     gradients: list[Tensor]
     resets: set[int]
+    values: list[float]
 
 
 class _Curvature:
@@ -472,7 +477,7 @@ def _lbfgs_path(
     """
 
     curvature = _Curvature(len(z0), history, z0)
-    path = _Path([z0], [gradient], set())
+    path = _Path([z0], [gradient], set(), [value])
     point, stalled = z0, 0
     for iteration in range(max_iterations):
         try:
@@ -489,6 +494,7 @@ def _lbfgs_path(
         curvature.update(new_point - point, gradient - new_gradient)
         path.points.append(new_point)
         path.gradients.append(new_gradient)
+        path.values.append(new_value)
         noise = ROUNDING * torch.finfo(z0.dtype).eps * max(1.0, abs(value))
         stalled = stalled + 1 if new_value - value <= noise else 0
         point, value, gradient = new_point, new_value, new_gradient
