@@ -14,13 +14,12 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import pyro
 import torch
 import tqdm
 import tqdm.auto
@@ -29,6 +28,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from . import _checkpoint
+from ._compiled import check_mode
 from ._loop import Averager, FitLoop, Stopping
 
 AVERAGE = 0.2  # the default fraction of the final steps whose parameters are averaged
@@ -47,6 +47,8 @@ class FitResult:
         checkpoint: The checkpoint file, if one was written.
         averaged_steps: The number of final steps whose parameters were averaged into the
             fitted ones (see :func:`fit`'s `average`); 0 for the last iterate.
+        compiled: Whether the steps ran compiled (see :func:`fit`'s `compile`), rather than
+            as the ordinary SVI step.
 
     Example:
         >>> result = FitResult(losses=[3.0, 2.0, 1.0])
@@ -60,6 +62,7 @@ class FitResult:
     lr_factor: float = 1.0
     checkpoint: str | None = None
     averaged_steps: int = 0
+    compiled: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -119,12 +122,30 @@ def fit(
     resume: bool = True,
     average: float = AVERAGE,
     stl: bool | None = None,
+    compile: bool | str = False,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fits a guide to a model by stochastic variational inference.
 
     Each step is one :py:`loss.loss_and_grads` and one :py:`optim` update, as in
-    :class:`pyro.infer.SVI`. The parameters live in Pyro's param store, as with SVI.
+    :class:`pyro.infer.SVI`. The parameters live in Pyro's param store, as with SVI. The
+    default optimizer is torch's fused Adam (one kernel per parameter tensor; foreach where
+    a device has no fused kernel), at :py:`lr=0.01`.
+
+    Compiled steps (`compile`): for an :class:`~pyro_flows.AutoFlowGuide` and
+    :class:`~pyro.infer.Trace_ELBO`, the loss-and-gradient step (the guide's draws for all
+    particles, its log-density with STL as the guide computes it, the model's log density
+    batched over the particles, and the gradients) is captured once as a graph of torch
+    operations and run without Pyro's per-step tracing; :py:`"inductor"` also compiles that
+    graph with Inductor. At set-up the captured step is checked against the ordinary step on
+    two fresh draws (on a forked random stream: the fit's draws are the ordinary path's).
+    What it cannot capture runs the ordinary step, with a one-line warning saying why: a
+    model that reads tensor values in Python (control flow on values, ``.item()``), supports
+    that depend on other latents, ``obs_mask`` imputation, subsampled plates, local latent
+    sites, parameters of the model's own, other ELBOs, other guides. The optimizer, the guard,
+    averaging and checkpoints work as on the ordinary path, on the same param store tensors.
+    The model must be a function of its arguments and latent values only (a graph replays
+    the operations of the traced run: Python state such as a call counter is not re-read).
 
     Early stopping: every `patience` steps, the mean loss over those steps is compared with
     the lowest such mean of the earlier blocks; the fit stops when it is not lower by more
@@ -156,7 +177,9 @@ def fit(
         guide: A guide for `model`, e.g. an autoguide.
         args: Positional arguments of the model and guide.
         num_steps: The total number of steps, counting those of a resumed checkpoint.
-        optim: A Pyro optimizer. If :py:`None`, use :py:`pyro.optim.Adam({"lr": 0.01})`.
+        optim: A Pyro optimizer. If :py:`None`, torch's fused Adam at :py:`lr=0.01`
+            (the same as :py:`pyro.optim.Adam({"lr": 0.01, "fused": True})`, with foreach
+            where a device has no fused kernel). An optimizer given here is used as it is.
             A :class:`pyro.optim.lr_scheduler.PyroLRScheduler` is stepped after every step.
         loss: A Pyro ELBO. If :py:`None`, use :class:`pyro.infer.Trace_ELBO`.
         lr_schedule: A factor on the learning rate as a function of the step, e.g.
@@ -180,6 +203,13 @@ def fit(
             running mean, so that a resumed fit averages the same steps.
         stl: Deprecated: set it on the guide, ``AutoFlowGuide(model, stl=True)``. Accepted
             with a ``FutureWarning`` until the next release (it sets the guide's `stl`).
+        compile: :py:`False` for the ordinary SVI step; :py:`True` to capture the step as a
+            graph (measured 1.6-2x fewer CPU ms per step than the SVI step, from D = 10 to
+            10,000; seconds to capture); or :py:`"inductor"` to compile that graph as well
+            (measured 11x fewer on eight schools, 4x at D = 1,000, 3x at D = 10,000; tens
+            of seconds of compilation the first time, less once Inductor's disk cache holds
+            it): for long fits. Any other value raises a :py:`ValueError`. See
+            :doc:`/scale`.
         kwargs: Keyword arguments of the model and guide.
 
     Returns:
@@ -212,6 +242,7 @@ def fit(
     if checkpoint is not None and not Path(checkpoint).absolute().parent.is_dir():
         raise ValueError(f"checkpoint={os.fspath(checkpoint)!r}: its folder does not exist")
     _set_stl(guide, stl)
+    check_mode(compile)
     optim = _optimizer(optim, lr_schedule)
     result = FitResult(checkpoint=None if checkpoint is None else os.fspath(checkpoint))
     averaged = round(average * num_steps)
@@ -221,6 +252,7 @@ def fit(
     )
     if checkpoint is not None and resume and Path(checkpoint).exists():
         run.resume(load_checkpoint(checkpoint))
+    run.compile(compile)
     file = sys.stderr if file is None else file
     show = _is_interactive(file) if progress_bar is None else progress_bar
     with _ProgressBar(num_steps, run.step, file, show) as bar, warnings.catch_warnings():
@@ -228,6 +260,7 @@ def fit(
         warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
         stopping = Stopping(patience, min_delta, callback)
         run.loop(num_steps, stopping, checkpoint_every, bar)
+    run.result.compiled = run.compiled is not None
     return run.result
 
 
@@ -271,9 +304,35 @@ def _set_stl(guide: Callable, stl: bool | None) -> None:
         )
 
 
+def _fused_adam(params: Iterable[torch.Tensor], **options: Any) -> torch.optim.Adam:
+    r"""Creates torch's Adam with its fused kernel, or foreach where the parameters' device
+    has no fused kernel: fit's default optimizer, as ``PyroOptim(_fused_adam, {"lr": 0.01})``.
+
+    The same numbers as the plain Adam to rounding, in one kernel per parameter tensor; at
+    D = 10,000 it took an SVI step of the default guide from 156 to 89 ms. With plain SVI the
+    same is :py:`pyro.optim.Adam({"lr": 0.01, "fused": True})`.
+
+    Arguments:
+        params: The parameters.
+        options: Options of :class:`torch.optim.Adam` (``lr``, ``betas``, ...).
+
+    Example:
+        >>> x = torch.zeros(3, requires_grad=True)
+        >>> adam = _fused_adam([x], lr=0.1)
+        >>> adam.defaults["fused"]
+        True
+    """
+
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, **{"fused": True, **options})
+    except RuntimeError:  # e.g. "`fused=True` requires all the params to be ... supported devices"
+        return torch.optim.Adam(params, **{"foreach": True, **options})
+
+
 def _optimizer(optim: PyroOptim | None, lr_schedule: Callable[[int], float] | None) -> PyroOptim:
     if optim is None:
-        optim = pyro.optim.Adam({"lr": 0.01})
+        optim = PyroOptim(_fused_adam, {"lr": 0.01})
     if not isinstance(optim, PyroOptim):
         raise TypeError(
             f"optim must be a Pyro optimizer such as pyro.optim.Adam({{'lr': 0.01}}), "

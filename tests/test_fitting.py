@@ -567,3 +567,27 @@ def test_checkpoint_that_asks_to_unpickle_code(tmp_path, writer):
         with pytest.raises(ValueError, match=r"asks to unpickle code \((io|builtins).open\)"):
             fit(model, small(model), num_steps=5, checkpoint=path)
     assert not os.path.exists(marker)
+
+
+def test_default_optimizer_is_fused_adam_with_the_same_results():
+    from pyro_flows.fitting import _optimizer
+
+    x = torch.zeros(3, requires_grad=True)
+    x.grad = torch.ones(3)
+    optim = _optimizer(None, None)
+    optim([x])
+    adam = optim.optim_objs[x]
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["fused"]
+    assert adam.defaults["lr"] == 0.01
+
+    def run(optim):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoFlowGuide(model)
+        result = fit(model, guide, DATA, num_steps=50, optim=optim)
+        return result.losses, params()
+
+    fused, plain = run(None), run(pyro.optim.Adam({"lr": 0.01}))
+    torch.testing.assert_close(torch.tensor(fused[0]), torch.tensor(plain[0]))
+    for name, value in fused[1].items():
+        torch.testing.assert_close(value, plain[1][name], rtol=1e-5, atol=1e-5)
