@@ -342,7 +342,7 @@ def test_without_lightning_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     path = pyro_flows.lightning.__file__
-    spec = importlib.util.spec_from_file_location("_lightning_missing", path)
+    spec = importlib.util.spec_from_file_location("pyro_flows._lightning_missing", path)
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)  # imports without Lightning
     with pytest.raises(ImportError, match=r'pip install "pyro-flows\[lightning\]"'):
