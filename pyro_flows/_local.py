@@ -80,6 +80,7 @@ class LocalSites:
     def __init__(self, sites: dict[str, dict]) -> None:
         self.sites = sites
         self.event_dims: dict[str, int] = {}
+        self.shapes: dict[str, torch.Size] = {}  # unconstrained, as in the prototype trace
 
     def build(
         self,
@@ -87,16 +88,23 @@ class LocalSites:
         init_scale: float | dict[str, Tensor],
         kind: str,
         global_dim: int,
+        amortized: bool = False,
     ) -> None:
         r"""Creates the parameters, of each plate's full size, in ``guide.local_locs``,
-        ``guide.local_scales`` (and ``guide.local_weights`` for ``"structured"``)."""
+        ``guide.local_scales`` (and ``guide.local_weights`` for ``"structured"``); none for
+        an amortized guide (``guide.local_guide``), which gives them batch by batch."""
+        for name, site in self.sites.items():
+            init_loc = site_bijection(site["fn"].support).inv(site["value"].detach()).detach()
+            self.event_dims[name] = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
+            self.shapes[name] = init_loc.shape
+        if amortized:
+            return
         guide.local_locs, guide.local_scales = PyroModule(), PyroModule()
         if kind == "structured":
             guide.local_weights = PyroModule()
         for name, site in self.sites.items():
             init_loc = site_bijection(site["fn"].support).inv(site["value"].detach()).detach()
-            event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
-            self.event_dims[name] = event_dim
+            event_dim = self.event_dims[name]
             for frame in site["cond_indep_stack"]:
                 full_size = frame.full_size or frame.size
                 if full_size != frame.size:
@@ -113,7 +121,13 @@ class LocalSites:
                 deep_setattr(guide.local_weights, name, param)
 
     def draw(
-        self, guide: PyroModule, plates: dict, standardized: Tensor | None, stl: bool
+        self,
+        guide: PyroModule,
+        plates: dict,
+        standardized: Tensor | None,
+        stl: bool,
+        args: tuple = (),
+        kwargs: dict | None = None,
     ) -> Iterator[tuple[str, Tensor]]:
         r"""Samples every local site inside its plates; yields names and constrained values.
 
@@ -123,8 +137,21 @@ class LocalSites:
             standardized: The global draw standardized by the start, shaped as the guide's
                 packed latent (for ``"structured"``), or :py:`None`.
             stl: Whether the log-densities see stopped-gradient parameters.
+            args: The model's positional arguments (for an amortized guide).
+            kwargs: The model's keyword arguments (for an amortized guide).
         """
+        amortized = None
+        if getattr(guide, "local_guide", None) is not None:
+            amortized = self.encode(guide, plates, args, kwargs or {}, register=True)
         for name, site in self.sites.items():
+            if amortized is not None:
+                loc, scale = amortized[name]
+                normal = dist.Normal(loc, scale)
+                if stl:
+                    normal = STLNormal(loc, scale, loc.detach(), scale.detach())
+                with _within(site, plates):
+                    yield name, self._sample(name, site, normal)
+                continue
             with _within(site, plates):
                 event_dim = self.event_dims[name]
                 loc = _in_order(attrgetter(name)(guide.local_locs), site, plates, event_dim)
@@ -138,6 +165,58 @@ class LocalSites:
                     score = (score_loc, score[1])
                 normal = STLNormal(loc, scale, *score) if stl else dist.Normal(loc, scale)
                 yield name, self._sample(name, site, normal)
+
+    def encode(
+        self, guide: PyroModule, plates: dict, args: tuple, kwargs: dict, register: bool
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        r"""Runs the amortized local guide on the model's arguments; returns each local
+        site's location and scale, checked against the site's shape in the current plates.
+
+        Arguments:
+            guide: The guide, with its ``local_guide``.
+            plates: The guide's plates, by name (their subsample sizes give the shapes).
+            args: The model's positional arguments.
+            kwargs: The model's keyword arguments.
+            register: Whether to put the encoder's parameters in Pyro's param store (for
+                SVI's optimizer), as :func:`pyro.module` does.
+        """
+        encoder = guide.local_guide
+        if register:
+            pyro.module(f"{guide._pyro_name}.local_guide", encoder)
+        found = encoder(*args, **kwargs)
+        if not isinstance(found, dict) or set(found) != set(self.sites):
+            got = sorted(found) if isinstance(found, dict) else type(found).__name__
+            raise ValueError(
+                f"local_guide returned {got}: it must return a dict with one entry for each "
+                f"local latent site, {sorted(self.sites)}, each a (loc, scale) pair."
+            )
+        result = {}
+        for name, site in self.sites.items():
+            pair = found[name]
+            shape = self._batch_shape(name, site, plates)
+            if not (
+                isinstance(pair, tuple | list)
+                and len(pair) == 2
+                and all(isinstance(t, Tensor) and t.shape == shape for t in pair)
+            ):
+                got = [tuple(getattr(t, "shape", ())) for t in pair] if len(pair) else pair
+                raise ValueError(
+                    f"local_guide returned {got} for local latent site {name!r}: give a "
+                    f"(loc, scale) pair of tensors of shape {tuple(shape)} (the site's "
+                    "unconstrained shape for this batch), scale positive."
+                )
+            result[name] = (pair[0], pair[1])
+        return result
+
+    def _batch_shape(self, name: str, site: dict, plates: dict) -> torch.Size:
+        # The site's unconstrained shape with each plate at its current subsample size.
+        shape = list(self.shapes[name])
+        for frame in site["cond_indep_stack"]:
+            plate = plates.get(frame.name)
+            position = frame.dim - self.event_dims[name]
+            if plate is not None and -len(shape) <= position and shape[position] != 1:
+                shape[position] = plate.subsample_size
+        return torch.Size(shape)
 
     def _sample(self, name: str, site: dict, normal: dist.Normal) -> Tensor:
         normal = normal.to_event(self.event_dims[name])
@@ -153,15 +232,30 @@ class LocalSites:
         return pyro.sample(name, delta)
 
     def quantiles(
-        self, guide: PyroModule, probs: Tensor, standardized: Tensor | None
+        self,
+        guide: PyroModule,
+        probs: Tensor,
+        standardized: Tensor | None,
+        args: tuple = (),
+        kwargs: dict | None = None,
     ) -> dict[str, Tensor]:
         r"""Quantiles of every local site over the plates' full sizes, constrained.
 
         Mean-field: the Normal's, mapped through the support (per coordinate, as
         ``AutoNormal``'s). Structured: of :math:`m_j + W_j y + s_j \epsilon` over the draws
         ``standardized`` of the globals (Monte Carlo), a chunk of elements at a time.
+        Amortized: the encoder's Normals for the rows of the arguments given.
         """
         result = {}
+        if getattr(guide, "local_guide", None) is not None:
+            plates = guide._create_plates(*args, **(kwargs or {}))
+            encoded = self.encode(guide, plates, args, kwargs or {}, register=False)
+            for name, site in self.sites.items():
+                loc, scale = (t.detach() for t in encoded[name])
+                shape = (-1,) + (1,) * loc.dim()
+                u = dist.Normal(loc, scale).icdf(probs.reshape(shape).to(loc))
+                result[name] = site_bijection(site["fn"].support)(u)
+            return result
         for name, site in self.sites.items():
             loc = attrgetter(name)(guide.local_locs).detach()
             scale = attrgetter(name)(guide.local_scales).detach()

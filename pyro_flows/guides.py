@@ -137,6 +137,14 @@ class AutoFlowGuide(AutoContinuous):
         local: The guide of local latents (sites in subsampled plates): ``"mean_field"``
             (a Normal per element, as ``AutoNormal``) or ``"structured"`` (each element's
             location also depends linearly on the global draw). See :doc:`/big-data`.
+        local_guide: An amortized guide of the local latents instead of per-element
+            parameters, for plates too large for them: a :class:`torch.nn.Module` (an
+            encoder) called with the model's arguments, ``local_guide(*args, **kwargs)``,
+            that returns a dict from each local site's name to the unconstrained location
+            and scale of the batch's elements, each of the site's subsampled shape (so the
+            model should take the batch's rows as arguments, with
+            ``pyro.plate(..., subsample=index)``). Its parameters are trained with the
+            guide's. See :doc:`/big-data`.
         num_quantile_samples: The number of draws behind :meth:`median` and
             :meth:`quantiles`.
         flow_options: Options of the named flow family (zuko's names: ``transforms``,
@@ -167,6 +175,7 @@ class AutoFlowGuide(AutoContinuous):
         create_plates: Callable[..., object] | None = None,
         stl: bool = True,
         local: str = "mean_field",
+        local_guide: torch.nn.Module | None = None,
         num_quantile_samples: int = 4096,
         **flow_options: object,
     ) -> None:
@@ -175,6 +184,16 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"init={init!r}: use one of {list(STARTS)}.")
         if local not in LOCAL_KINDS:
             raise ValueError(f"local={local!r}: use one of {list(LOCAL_KINDS)}.")
+        if local_guide is not None and not isinstance(local_guide, torch.nn.Module):
+            raise TypeError(
+                f"local_guide must be a torch.nn.Module (an encoder), got "
+                f"{type(local_guide).__name__}: its parameters are trained with the guide's."
+            )
+        if local_guide is not None and local != "mean_field":
+            raise ValueError(
+                f"local={local!r} with local_guide: an amortized local guide gives each "
+                "element's location and scale itself; leave local at 'mean_field'."
+            )
         if not isinstance(num_quantile_samples, int) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples={num_quantile_samples!r}: use an int >= 2.")
         check_flow(flow, flow_options)
@@ -185,6 +204,7 @@ class AutoFlowGuide(AutoContinuous):
         self.init_scale = init_scale
         self.init = init
         self.local = local
+        self.local_guide = local_guide
         self.start: Start | None = None
         self._local: LocalSites | None = None
         self._pending_local: dict[str, Tensor] = {}
@@ -231,6 +251,12 @@ class AutoFlowGuide(AutoContinuous):
             prototype.trace = self.prototype_trace
             found = local_sites(self.prototype_trace)
             self._local = LocalSites(found) if found else None
+            if self.local_guide is not None and not found:
+                raise ValueError(
+                    "AutoFlowGuide(local_guide=...) was given, but the model has no latent "
+                    "site inside a subsampled plate (pyro.plate(..., subsample_size=...) or "
+                    "subsample=...): leave local_guide out."
+                )
             self._latent = PackedLatent(
                 model, self.prototype_trace, args, kwargs, local=frozenset(found)
             )
@@ -265,7 +291,8 @@ class AutoFlowGuide(AutoContinuous):
         # The local sites' parameters, and values loaded before the set-up (load_state_dict).
         if self._local is None:
             return
-        self._local.build(self, self.init_scale, self.local, self.latent_dim)
+        amortized = self.local_guide is not None
+        self._local.build(self, self.init_scale, self.local, self.latent_dim, amortized)
         if self._pending_local:
             pending, self._pending_local = self._pending_local, {}
             super().load_state_dict(pending, strict=False)
@@ -483,8 +510,8 @@ class AutoFlowGuide(AutoContinuous):
 
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        elif _shapes(args, kwargs) != self._arg_shapes:
-            self._check_latent_shapes(*args, **kwargs)
+        else:
+            self._follow_shapes(args, kwargs)
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {}
@@ -498,7 +525,7 @@ class AutoFlowGuide(AutoContinuous):
         if self._local is not None:
             check_subsample(plates, self._local.sites)
             standardized = self._standardized(latent)
-            result.update(self._local.draw(self, plates, standardized, self.stl))
+            result.update(self._local.draw(self, plates, standardized, self.stl, args, kwargs))
         return result
 
     def _standardized(self, latent: Tensor) -> Tensor | None:
@@ -522,6 +549,12 @@ class AutoFlowGuide(AutoContinuous):
             size = sizes.get(name, frame.size)
             self.plates[name] = pyro.plate(name, full, dim=frame.dim, subsample_size=size)
         return self.plates
+
+    def _follow_shapes(self, args: tuple, kwargs: dict) -> None:
+        # Arguments of other shapes than at the last call: checked, and the plates follow
+        # the model's subsample sizes for them.
+        if _shapes(args, kwargs) != self._arg_shapes:
+            self._check_latent_shapes(*args, **kwargs)
 
     def _check_latent_shapes(self, *args: object, **kwargs: object) -> None:
         # Data of another shape: fine unless the latent sites change shape with it.
@@ -610,7 +643,10 @@ class AutoFlowGuide(AutoContinuous):
         quantiles = {name: torch.stack(values) for name, values in result.items()}
         if self._local is not None:
             standardized = self._standardized(draws)
-            quantiles.update(self._local.quantiles(self, probs, standardized))
+            if self.local_guide is not None:
+                self._follow_shapes(args, kwargs)  # the encoder's rows are those of args
+            local = self._local.quantiles(self, probs, standardized, args, kwargs)
+            quantiles.update(local)
         return quantiles
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 under subsampling, its checks, and diagnostics on the whole data."""
 
 import math
+import os
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +14,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro_flows import AutoFlowGuide, diagnose, fit, to_inference_data
 from pyro_flows._local import LOCAL_KINDS
 
+SEED = int(os.environ.get("PYRO_FLOWS_SEED", "0"))  # see conftest.py
 G = 20
 Y = torch.randn(G, generator=torch.Generator().manual_seed(1)) + 2.0
 
@@ -215,3 +217,76 @@ def test_a_full_size_subsample_in_another_order_is_indexed():
             if local == "structured":  # the weights start at zero
                 assert torch.count_nonzero(guide.local_weights.e) == 0
             torch.testing.assert_close(loc.detach(), index.float())
+
+
+# An amortized local guide (local_guide=) -----------------------------------------------------
+
+ROWS = 200
+ROW_Y = 1.5 + 1.2 * torch.randn(ROWS, generator=torch.Generator().manual_seed(2))
+
+
+def rows_model(index, y):
+    # z_i | mu, y_i ~ N((mu + 4 y_i) / 5, 1 / 5): the mean-field optimum is linear in y_i.
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    with pyro.plate("rows", ROWS, subsample=index):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(z, 0.5), obs=y)
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 2)
+
+    def forward(self, index, y):
+        h = self.linear(y.unsqueeze(-1))
+        return {"z": (h[..., 0], torch.nn.functional.softplus(h[..., 1]))}
+
+
+def test_amortized_local_guide_fits_the_rows():
+    guide = AutoFlowGuide(rows_model, init="prior", local_guide=Encoder())
+    svi = SVI(rows_model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO(num_particles=4))
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(3000):
+        index = torch.randperm(ROWS, generator=generator)[:20]
+        svi.step(index, ROW_Y[index])
+    everything = torch.arange(ROWS)
+    with torch.no_grad():
+        loc, scale = guide.local_guide(everything, ROW_Y)["z"]
+    mu = guide.median(everything, ROW_Y)["mu"]
+    # The mean-field optimum: q(z_i) = N((E[mu] + 4 y_i) / 5, 1 / 5) exactly.
+    exact = (mu + 4 * ROW_Y) / 5
+    sd = 0.2**0.5
+    assert (loc - exact).abs().max() < 0.1 * sd, (loc - exact).abs().max()
+    assert (scale / sd - 1).abs().max() < 0.1, scale
+    # mu: its exact posterior (y_i ~ N(mu, 1.25) given mu), within 3 posterior sds
+    precision = 1 / 9 + ROWS / 1.25
+    assert abs(mu - ROW_Y.sum() / 1.25 / precision) < 3 * precision**-0.5
+    quantiles = guide.quantiles([0.5], everything, ROW_Y)["z"]
+    torch.testing.assert_close(quantiles[0], loc)
+
+
+def test_amortized_local_guide_errors():
+    with pytest.raises(TypeError, match="local_guide must be a torch.nn.Module"):
+        AutoFlowGuide(rows_model, local_guide=lambda index, y: {})
+    with pytest.raises(ValueError, match="local='structured' with local_guide"):
+        AutoFlowGuide(rows_model, local="structured", local_guide=Encoder())
+    with pytest.raises(ValueError, match="no latent site inside a subsampled plate"):
+        AutoFlowGuide(model, init="prior", local_guide=Encoder())(Y, None)
+
+    class Wrong(torch.nn.Module):
+        def __init__(self, output):
+            super().__init__()
+            self.output, self.w = output, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, index, y):
+            return self.output(y + self.w)
+
+    index = torch.arange(5)
+    wrong_keys = Wrong(lambda y: {"e": (y, y.exp())})
+    with pytest.raises(ValueError, match=r"returned \['e'\].*\['z'\]"):
+        AutoFlowGuide(rows_model, init="prior", local_guide=wrong_keys)(index, ROW_Y[index])
+    pyro.clear_param_store()
+    wrong_shape = Wrong(lambda y: {"z": (y[:2], y[:2].exp())})
+    with pytest.raises(ValueError, match=r"site 'z': give a \(loc, scale\) pair .* shape \(5,\)"):
+        AutoFlowGuide(rows_model, init="prior", local_guide=wrong_shape)(index, ROW_Y[index])
