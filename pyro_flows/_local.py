@@ -199,7 +199,9 @@ class LocalSites:
                 and len(pair) == 2
                 and all(isinstance(t, Tensor) and t.shape == shape for t in pair)
             ):
-                got = [tuple(getattr(t, "shape", ())) for t in pair] if len(pair) else pair
+                got = type(pair).__name__
+                if isinstance(pair, tuple | list):
+                    got = [tuple(getattr(t, "shape", ())) for t in pair]
                 raise ValueError(
                     f"local_guide returned {got} for local latent site {name!r}: give a "
                     f"(loc, scale) pair of tensors of shape {tuple(shape)} (the site's "
