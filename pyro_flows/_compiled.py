@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _checkpoint as ckpt
 from ._guard import is_invalid_value_error
-from .distributions import _call_and_ladj, _inverse_is_cheap, _layers, _log_q
+from .distributions import _call_and_ladj, _inverse_is_cheap, _layers, _log_q, _transposed_solve
 from .elbo import VmapTrace_ELBO
 from .guides import AutoFlowGuide
 
@@ -420,35 +420,6 @@ def _solver(
         return _transposed_solve(layers, eps.detach(), grad.detach(), iterations, residuals)
 
     return solve
-
-
-def _transposed_solve(
-    layers: list, eps: Tensor, grad: Tensor, iterations: int | None, residuals: list
-) -> Tensor:
-    r""":math:`J_f(\epsilon)^{-\top} g`, layer by layer, by `iterations` Jacobi iterations
-    each (the update after the last product included); appends each layer's largest residual
-    relative to its right-hand side. With `iterations` :py:`None`, as the guide's own solve:
-    until the residual is within rounding, at most as many as the layer has passes."""
-
-    x, tiny = eps, torch.finfo(grad.dtype).tiny
-    tolerance = 64 * torch.finfo(grad.dtype).eps
-    with torch.enable_grad():
-        for layer in layers:
-            x = x.detach().requires_grad_()
-            meta = layer.meta(x)
-            y = meta(x)
-            diagonal = getattr(meta, "base", meta).log_abs_det_jacobian(x, y).exp().detach()
-            scale = grad.abs().amax().clamp_min(tiny)
-            w = grad / diagonal
-            for _ in range(layer.passes if iterations is None else iterations):
-                (product,) = torch.autograd.grad(y, x, w, retain_graph=True)
-                residual = grad - product
-                if iterations is None and residual.abs().amax() <= tolerance * scale:
-                    break
-                w = w + residual / diagonal
-            residuals.append(residual.abs().amax() / scale)
-            grad, x = w, y
-    return grad
 
 
 # Checks ------------------------------------------------------------------------------------

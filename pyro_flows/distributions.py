@@ -257,7 +257,13 @@ def _layers(transform: Transform) -> list[Transform]:
     return [transform]
 
 
-def _transposed_solve(layers: list[Transform], eps: Tensor, grad: Tensor) -> Tensor:
+def _transposed_solve(
+    layers: list[Transform],
+    eps: Tensor,
+    grad: Tensor,
+    iterations: int | None = None,
+    residuals: list[Tensor] | None = None,
+) -> Tensor:
     r"""Returns :math:`J_f(\epsilon)^{-\top} g` for :math:`f = f_K \circ \dots \circ f_1`,
     each :math:`f_k` autoregressive: :math:`J_f^{-\top} = J_K^{-\top} \cdots J_1^{-\top}`,
     applied from :math:`J_1^{-\top}` on.
@@ -269,9 +275,13 @@ def _transposed_solve(layers: list[Transform], eps: Tensor, grad: Tensor) -> Ten
     has passes (:math:`D` for an inverse autoregressive layer), and stop as soon as the
     residual is within rounding. Near the identity (where training starts, and where a flow
     stays on posteriors close to the start's Gaussian) a few iterations do.
+
+    With `iterations`, each layer takes exactly that many (a fixed graph, for the compiled
+    step of :mod:`pyro_flows._compiled`); with `residuals`, each layer's largest residual
+    relative to its right-hand side is appended to it.
     """
     x, grad = eps, grad.detach()
-    tolerance = 64 * torch.finfo(grad.dtype).eps
+    tiny, tolerance = torch.finfo(grad.dtype).tiny, 64 * torch.finfo(grad.dtype).eps
     with torch.enable_grad():
         for layer in layers:
             x = x.detach().requires_grad_()
@@ -279,14 +289,16 @@ def _transposed_solve(layers: list[Transform], eps: Tensor, grad: Tensor) -> Ten
             y = meta(x)
             base = getattr(meta, "base", meta)
             diagonal = base.log_abs_det_jacobian(x, y).exp().detach()
-            scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+            scale = grad.abs().amax().clamp_min(tiny)
             w = grad / diagonal
-            for _ in range(layer.passes):
+            for _ in range(layer.passes if iterations is None else iterations):
                 (product,) = torch.autograd.grad(y, x, w, retain_graph=True)
                 residual = grad - product
-                if residual.abs().amax() <= tolerance * scale:
+                if iterations is None and residual.abs().amax() <= tolerance * scale:
                     break
                 w = w + residual / diagonal
+            if residuals is not None:
+                residuals.append(residual.abs().amax() / scale)
             grad, x = w, y
     return grad
 
